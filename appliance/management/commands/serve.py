@@ -1,0 +1,66 @@
+"""`manage.py serve`: the whole appliance in the foreground under one supervisor.
+
+Prepares the database (migrations, config, first-start credentials), then runs
+the web server, a Celery worker and Celery beat (and the Kafka consumer when
+Kafka is configured) as child processes with prefixed output. Ctrl-C or SIGTERM
+stops them all; the embedded PostgreSQL / Valkey started by this process stop last.
+"""
+
+import os
+import shlex
+import sys
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+
+class Command(BaseCommand):
+    help = "Run the appliance: migrate, load config, bootstrap, then web + worker + beat in the foreground."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--bind", default=os.environ.get("BIND_HOST", "127.0.0.1"), help="listen address")
+        parser.add_argument("--web-workers", type=int, default=int(os.environ.get("WEB_WORKERS", "0")) or None)
+        parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
+        parser.add_argument("--skip-prepare", action="store_true", help="skip migrate/load_config/bootstrap")
+
+    def handle(self, *args, bind, web_workers, no_worker, skip_prepare, **options):
+        from honcho.manager import Manager
+
+        if not skip_prepare:
+            self.stdout.write("llm-observe: applying migrations ...")
+            call_command("migrate", interactive=False, verbosity=0)
+            call_command("load_config")
+            call_command("bootstrap")
+            call_command("maintain_partitions")
+
+        python = sys.executable
+        workers = web_workers or max(2, (os.cpu_count() or 1) * 2)
+        env = {
+            **os.environ,
+            "DATA_DIR": str(settings.DATA_DIR),
+            "DATABASE_URL": settings.DATABASE_URL,
+            "REDIS_URL": settings.REDIS_URL,
+            "PYTHONUNBUFFERED": "1",
+        }
+        manager = Manager()
+        web = [
+            python, "-m", "gunicorn", "appliance.wsgi:application",
+            "--bind", f"{bind}:{settings.PORT}", "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+            "--graceful-timeout", "20", "--timeout", "60", "--access-logfile", "-",
+            "--limit-request-line", "8190",
+        ]
+        manager.add_process("web", shlex.join(web), env=env, cwd=str(settings.BASE_DIR))
+        if not no_worker:
+            manager.add_process("worker", shlex.join([
+                python, "-m", "celery", "-A", "appliance", "worker", "--loglevel", "INFO",
+                "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2"), "--without-gossip", "--without-mingle",
+            ]), env=env, cwd=str(settings.BASE_DIR))
+            manager.add_process("beat", shlex.join([
+                python, "-m", "celery", "-A", "appliance", "beat", "--loglevel", "INFO",
+                "--schedule", str(settings.DATA_DIR / "celerybeat-schedule"),
+            ]), env=env, cwd=str(settings.BASE_DIR))
+        self.stdout.write(f"llm-observe: serving on http://{bind}:{settings.PORT} (data in {settings.DATA_DIR}); Ctrl-C stops")
+        manager.loop()
+        sys.exit(manager.returncode or 0)

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import re
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.utils import timezone
+
+
+class Project(models.Model):
+    class Redaction(models.TextChoices):
+        PLACEHOLDER = "placeholder", "Replace each match with a typed placeholder"
+        DROP = "drop", "Drop the whole text"
+
+    name = models.SlugField(max_length=100, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="llm_projects")
+    # None: the seed's rule (sha256(span_id) % 100 == 0, about 1 %).
+    sampling_rate = models.FloatField(null=True, blank=True, help_text="0-100 %; empty = default 1 % rule")
+    redaction_mode = models.CharField(max_length=16, choices=Redaction.choices, default=Redaction.PLACEHOLDER)
+    retention_days = models.PositiveIntegerField(null=True, blank=True, help_text="empty = RETENTION_DAYS")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.sampling_rate is not None and not 0 <= self.sampling_rate <= 100:
+            raise ValidationError({"sampling_rate": "must be between 0 and 100"})
+
+
+class ApiKey(models.Model):
+    """An ingestion key. Only a SHA-256 of the key is stored; the key is shown once."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, default="default")
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    key_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.project.name}/{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class ModelPrice(models.Model):
+    """USD per 1M tokens for one provider + model; `model` matches normalised names."""
+
+    class Source(models.TextChoices):
+        CONFIG = "config", "config/model_prices.yaml"
+        ADMIN = "admin", "edited in the admin"
+
+    provider = models.CharField(max_length=64)
+    model = models.CharField(max_length=200, help_text="normalised model name, e.g. gpt-4o or claude-sonnet-4")
+    input_price_per_1m = models.DecimalField(max_digits=14, decimal_places=6)
+    output_price_per_1m = models.DecimalField(max_digits=14, decimal_places=6)
+    cached_input_price_per_1m = models.DecimalField(max_digits=14, decimal_places=6, null=True, blank=True)
+    version = models.CharField(max_length=32, help_text="price version, e.g. the date of the price page")
+    effective_date = models.DateField(null=True, blank=True)
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.ADMIN)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["provider", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "model"], name="modelprice_unique_provider_model"),
+            models.CheckConstraint(
+                condition=models.Q(input_price_per_1m__gte=0)
+                & models.Q(output_price_per_1m__gte=0)
+                & (models.Q(cached_input_price_per_1m__isnull=True) | models.Q(cached_input_price_per_1m__gte=0)),
+                name="modelprice_prices_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model} ({self.version})"
+
+    def clean(self) -> None:
+        errors = {}
+        for field in ("input_price_per_1m", "output_price_per_1m", "cached_input_price_per_1m"):
+            value = getattr(self, field)
+            if value is not None and value < 0:
+                errors[field] = "prices cannot be negative"
+        if errors:
+            raise ValidationError(errors)
+        self.provider = self.provider.strip().lower()
+        self.model = self.model.strip().lower()
+
+
+class DetectionPattern(models.Model):
+    class Kind(models.TextChoices):
+        PII_STRUCTURAL = "PII_STRUCTURAL", "PII (redacted before storage)"
+        INJECTION_ATTEMPT = "INJECTION_ATTEMPT", "Prompt injection (flagged)"
+
+    name = models.CharField(max_length=100, unique=True)
+    type = models.CharField(max_length=20, choices=Kind.choices)
+    regex = models.TextField(blank=True, help_text="Python regular expression (case-insensitive)")
+    phrases = models.JSONField(default=list, blank=True, help_text="list of literal phrases, matched case-insensitively")
+    validator = models.CharField(max_length=32, blank=True, help_text="extra check on regex matches, e.g. luhn")
+    placeholder = models.CharField(max_length=40, blank=True, help_text="redaction label, e.g. EMAIL")
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True)
+    source = models.CharField(max_length=8, choices=ModelPrice.Source.choices, default=ModelPrice.Source.ADMIN)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["type", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        errors = {}
+        if self.regex:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                errors["regex"] = f"does not compile: {exc}"
+        if not isinstance(self.phrases, list) or not all(isinstance(p, str) and p.strip() for p in self.phrases):
+            errors["phrases"] = "must be a list of non-empty strings"
+        if not self.regex and not self.phrases:
+            errors["regex"] = "give a regex or at least one phrase"
+        if errors:
+            raise ValidationError(errors)
+
+
+class Span(models.Model):
+    """One LLM call. The table is RANGE-partitioned by day on timestamp_utc (see migration 0001).
+
+    Django knows the table only for reads; writes go through services.spans
+    (COPY into a staging table, then a deduplicating insert).
+    """
+
+    pk = models.CompositePrimaryKey("project_id", "span_id", "timestamp_utc")
+    project = models.ForeignKey(Project, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    span_id = models.CharField(max_length=128)
+    timestamp_utc = models.DateTimeField()
+    trace_id = models.CharField(max_length=128)
+    parent_span_id = models.CharField(max_length=128, null=True)
+    schema_version = models.SmallIntegerField(default=1)
+    model = models.CharField(max_length=200, null=True)
+    provider = models.CharField(max_length=64, null=True)
+    service_name = models.CharField(max_length=200, null=True)
+    endpoint = models.CharField(max_length=500, null=True)
+    environment = models.CharField(max_length=64, null=True)
+    user_id = models.CharField(max_length=200, null=True)
+    session_id = models.CharField(max_length=200, null=True)
+    status = models.CharField(max_length=16)
+    finish_reason = models.CharField(max_length=32, null=True)
+    prompt_tokens = models.IntegerField(null=True)
+    completion_tokens = models.IntegerField(null=True)
+    cached_tokens = models.IntegerField(null=True)
+    reasoning_tokens = models.IntegerField(null=True)
+    token_count_method = models.CharField(max_length=16, null=True)
+    latency_ms_ttft = models.FloatField(null=True)
+    latency_ms_total = models.FloatField(null=True)
+    cost_usd_micro = models.BigIntegerField(null=True)
+    price_version = models.CharField(max_length=32, null=True)
+    is_sampled = models.BooleanField(default=False)
+    retry_count = models.IntegerField(default=0)
+    attempted_models = models.JSONField(null=True)
+    pii_detected = models.BooleanField(default=False)
+    injection_attempt = models.BooleanField(default=False)
+    matched_patterns = models.JSONField(null=True)
+    prompt = models.TextField(null=True)
+    response = models.TextField(null=True)
+    prompt_hash = models.CharField(max_length=64, null=True)
+    error_type = models.CharField(max_length=200, null=True)
+    error_message = models.TextField(null=True)
+    metadata = models.JSONField(null=True)
+    received_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = "ingest_span"
+
+
+class SpanKey(models.Model):
+    """Global (project, span_id) uniqueness that the partitioned table cannot enforce alone.
+
+    The span's primary key must include the partition column, so a re-sent span
+    with a different timestamp would slip through; this small table catches it.
+    """
+
+    pk = models.CompositePrimaryKey("project_id", "span_id")
+    project = models.ForeignKey(Project, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    span_id = models.CharField(max_length=128)
+    timestamp_utc = models.DateTimeField(db_index=True)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.db.models import Count, Q
+from django.utils import timezone
+
+from ingest.models import Project, Span
+
+
+def projects_for_user(*, user):
+    """Staff see every project; others the projects they are members of."""
+    qs = Project.objects.all()
+    return qs if user.is_staff else qs.filter(members=user)
+
+
+def project_summaries(*, user) -> list[dict]:
+    since = timezone.now() - timedelta(hours=24)
+    projects = list(projects_for_user(user=user).annotate(
+        active_keys=Count("api_keys", filter=Q(api_keys__revoked_at__isnull=True))))
+    counts = dict(
+        Span.objects.filter(project_id__in=[p.id for p in projects], timestamp_utc__gte=since)
+        .values_list("project_id").annotate(n=Count("span_id")).values_list("project_id", "n")
+    )
+    return [{"project": p, "active_keys": p.active_keys, "spans_24h": counts.get(p.id, 0)} for p in projects]

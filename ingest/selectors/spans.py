@@ -1,0 +1,105 @@
+"""Reading spans for the API and the console. Always scoped to one project."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+
+import orjson
+from django.db.models import Q
+
+from ingest.models import Span
+
+SPAN_FIELDS = (
+    "span_id", "trace_id", "parent_span_id", "timestamp_utc", "schema_version", "model", "provider",
+    "service_name", "endpoint", "environment", "user_id", "session_id", "status", "finish_reason",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "token_count_method",
+    "latency_ms_ttft", "latency_ms_total", "cost_usd_micro", "price_version", "is_sampled",
+    "retry_count", "attempted_models", "pii_detected", "injection_attempt", "matched_patterns",
+    "prompt", "response", "prompt_hash", "error_type", "error_message", "metadata", "received_at",
+)
+
+
+class BadCursor(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SpanFilters:
+    start: datetime | None = None
+    end: datetime | None = None
+    service: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    status: str | None = None
+    trace_id: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+
+
+def encode_cursor(timestamp: datetime, span_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([timestamp.isoformat(), span_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        ts, span_id = orjson.loads(base64.urlsafe_b64decode(padded))
+        return datetime.fromisoformat(ts), str(span_id)
+    except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        raise BadCursor("cursor is not one this API returned") from exc
+
+
+def span_list(*, project_id: int, filters: SpanFilters, limit: int, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first; keyset pagination on (timestamp_utc, span_id)."""
+    qs = Span.objects.filter(project_id=project_id)
+    if filters.start:
+        qs = qs.filter(timestamp_utc__gte=filters.start)
+    if filters.end:
+        qs = qs.filter(timestamp_utc__lt=filters.end)
+    for name, column in (("service", "service_name"), ("model", "model"), ("provider", "provider"),
+                         ("status", "status"), ("trace_id", "trace_id"), ("user_id", "user_id"),
+                         ("session_id", "session_id")):
+        value = getattr(filters, name)
+        if value is not None:
+            qs = qs.filter(**{column: value})
+    if cursor:
+        ts, span_id = decode_cursor(cursor)
+        qs = qs.filter(Q(timestamp_utc__lt=ts) | Q(timestamp_utc=ts, span_id__lt=span_id))
+    rows = list(qs.order_by("-timestamp_utc", "-span_id").values(*SPAN_FIELDS)[: limit + 1])
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_cursor = encode_cursor(rows[-1]["timestamp_utc"], rows[-1]["span_id"])
+    return rows, next_cursor
+
+
+def trace_get(*, project_id: int, trace_id: str) -> dict | None:
+    """The spans of one trace as a tree (roots = spans whose parent is absent)."""
+    rows = list(
+        Span.objects.filter(project_id=project_id, trace_id=trace_id)
+        .order_by("timestamp_utc", "span_id").values(*SPAN_FIELDS)
+    )
+    if not rows:
+        return None
+    nodes = {row["span_id"]: {**row, "children": []} for row in rows}
+
+    def in_cycle(span_id: str) -> bool:
+        seen = set()
+        while span_id in nodes:
+            if span_id in seen:
+                return True
+            seen.add(span_id)
+            span_id = nodes[span_id]["parent_span_id"]
+        return False
+
+    roots = []
+    for node in nodes.values():
+        parent = nodes.get(node["parent_span_id"]) if node["parent_span_id"] else None
+        # Spans whose parent links loop (bad client data) are shown as roots, not lost.
+        if parent is not None and not in_cycle(node["span_id"]):
+            parent["children"].append(node)
+        else:
+            roots.append(node)
+    return {"trace_id": trace_id, "span_count": len(rows), "roots": roots}

@@ -1,0 +1,235 @@
+"""Writing spans: validate, sample, price, store. One path for every ingest route."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import psycopg
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from pydantic import ValidationError
+
+from ingest.schemas import SpanIn
+from ingest.services.partitions import partitions_ensure, partitions_forget_cache
+from ingest.services.pricing import price_table
+from ingest.services.sampling import should_sample
+
+# Order of the columns in the COPY into the staging table.
+COLUMNS = (
+    "project_id", "span_id", "timestamp_utc", "trace_id", "parent_span_id", "schema_version",
+    "model", "provider", "service_name", "endpoint", "environment", "user_id", "session_id",
+    "status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+    "reasoning_tokens", "token_count_method", "latency_ms_ttft", "latency_ms_total",
+    "cost_usd_micro", "price_version", "is_sampled", "retry_count", "attempted_models",
+    "pii_detected", "injection_attempt", "matched_patterns", "prompt", "response", "prompt_hash",
+    "error_type", "error_message", "metadata", "received_at",
+)
+_JSON_COLUMNS = {"attempted_models", "matched_patterns", "metadata"}
+_TEXT_FIELDS = (
+    "span_id", "trace_id", "parent_span_id", "model", "provider", "service_name", "endpoint",
+    "environment", "user_id", "session_id", "prompt", "response", "error_type", "error_message",
+)
+FUTURE_TOLERANCE = timedelta(days=1)
+
+_ERROR_RULES = {
+    "missing": "missing_field",
+    "string_too_long": "too_long",
+    "string_too_short": "too_short",
+    "too_long": "too_long",
+    "greater_than_equal": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "literal_error": "invalid_value",
+    "value_error": "invalid_value",
+    "extra_forbidden": "unknown_field",
+}
+
+
+@dataclass
+class Rejection:
+    index: int
+    span_id: str | None
+    rule: str
+    field: str | None
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "span_id": self.span_id, "rule": self.rule, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class Prepared:
+    rows: list[dict] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: int
+    duplicates: int
+
+
+def _clean_text(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; replacing it beats rejecting the span.
+    if value is not None and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
+
+
+def _rejection_from(index: int, raw: dict, exc: ValidationError) -> Rejection:
+    first = exc.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first.get("loc", ()))
+    kind = first.get("type", "")
+    rule = _ERROR_RULES.get(kind) or ("invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
+    span_id = raw.get("span_id") if isinstance(raw.get("span_id"), str) else None
+    return Rejection(index, span_id, rule, loc or None, first.get("msg", "invalid"))
+
+
+def spans_prepare(*, project, items: list[Any], received_at: datetime | None = None) -> Prepared:
+    """Validate and enrich raw span dicts into storable rows; invalid ones become rejections."""
+    received_at = received_at or datetime.now(timezone.utc)
+    oldest = received_at - timedelta(days=settings.RETENTION_DAYS)
+    newest = received_at + FUTURE_TOLERANCE
+    prices = price_table()
+    result = Prepared()
+    for index, raw in enumerate(items):
+        if not isinstance(raw, dict):
+            result.rejected.append(Rejection(index, None, "not_an_object", None, "each span must be a JSON object"))
+            continue
+        try:
+            span = SpanIn.model_validate(raw)
+        except ValidationError as exc:
+            result.rejected.append(_rejection_from(index, raw, exc))
+            continue
+        ts = span.timestamp_utc or received_at
+        ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+        if ts > newest:
+            result.rejected.append(Rejection(index, span.span_id, "timestamp_in_future", "timestamp_utc",
+                                             f"more than {FUTURE_TOLERANCE} after the server's clock"))
+            continue
+        if ts < oldest:
+            result.rejected.append(Rejection(index, span.span_id, "timestamp_too_old", "timestamp_utc",
+                                             f"older than the retention of {settings.RETENTION_DAYS} days"))
+            continue
+        result.rows.append(_row(project, span, ts, received_at, prices))
+    return result
+
+
+def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> dict:
+    row = span.model_dump(exclude={"text"})
+    extra = span.model_extra or {}
+    metadata = dict(span.metadata or {})
+    if extra:
+        metadata.update(extra)
+    for key in extra:
+        row.pop(key, None)
+    row["metadata"] = metadata or None
+    if row["prompt"] is None:
+        row["prompt"] = span.text
+    row["span_id"] = span.span_id or str(uuid.uuid4())
+    row["trace_id"] = span.trace_id or str(uuid.uuid4())
+    row["timestamp_utc"] = ts
+    row["received_at"] = received_at
+    row["project_id"] = project.id
+    for name in _TEXT_FIELDS:
+        row[name] = _clean_text(row[name])
+
+    sampled = should_sample(row["span_id"], project.sampling_rate)
+    row["is_sampled"] = sampled
+    row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if sampled and row["prompt"] else None
+    row["pii_detected"] = bool(span.pii_detected)
+    row["injection_attempt"] = bool(span.injection_attempt)
+    row["matched_patterns"] = None
+    if row["token_count_method"] is None and (span.prompt_tokens is not None or span.completion_tokens is not None):
+        row["token_count_method"] = "unspecified"
+
+    cost = prices.cost(provider=span.provider, model=span.model, prompt_tokens=span.prompt_tokens,
+                       completion_tokens=span.completion_tokens, cached_tokens=span.cached_tokens)
+    row["cost_usd_micro"] = cost.cost_usd_micro if cost else None
+    row["price_version"] = cost.price_version if cost else None
+    return row
+
+
+def _copy_value(name: str, value: Any) -> Any:
+    if name in _JSON_COLUMNS and value is not None:
+        # jsonb rejects \u0000 as well.
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode().replace("\\u0000", "\\ufffd")
+    return value
+
+
+_STAGE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_span_stage "
+    "(LIKE ingest_span INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_COPY_SQL = f"COPY ingest_span_stage ({', '.join(COLUMNS)}) FROM STDIN"
+# The key table decides which spans are new; only those reach the partitioned table.
+_INSERT_SQL = f"""
+WITH fresh AS (
+    INSERT INTO ingest_spankey (project_id, span_id, timestamp_utc)
+    SELECT project_id, span_id, timestamp_utc FROM ingest_span_stage
+    ON CONFLICT DO NOTHING
+    RETURNING project_id, span_id
+)
+INSERT INTO ingest_span ({', '.join(COLUMNS)})
+SELECT {', '.join('s.' + c for c in COLUMNS)}
+FROM ingest_span_stage s JOIN fresh f USING (project_id, span_id)
+"""
+
+
+def spans_store(*, rows: list[dict]) -> StoreResult:
+    """Store rows exactly once per (project, span_id); commit before returning."""
+    if not rows:
+        return StoreResult(0, 0)
+    unique: dict[tuple[int, str], dict] = {}
+    for row in rows:
+        unique[(row["project_id"], row["span_id"])] = row  # the last copy of a repeated id wins
+    days = {row["timestamp_utc"].date() for row in unique.values()}
+    partitions_ensure(days=days)
+    try:
+        stored = _copy_and_insert(list(unique.values()))
+    except IntegrityError as exc:
+        # A partition this process believed in is gone (dropped by retention elsewhere,
+        # or its creating transaction rolled back): forget what we knew and retry once.
+        if not isinstance(exc.__cause__, psycopg.errors.CheckViolation):
+            raise
+        partitions_forget_cache()
+        partitions_ensure(days=days)
+        stored = _copy_and_insert(list(unique.values()))
+    return StoreResult(stored=stored, duplicates=len(rows) - stored)
+
+
+def _copy_and_insert(rows: list[dict]) -> int:
+    with transaction.atomic(), connection.cursor() as cur:
+        # Per connection; inside the transaction so a rolled-back one cannot leave us without it.
+        cur.execute(_STAGE_SQL)
+        with cur.copy(_COPY_SQL) as copy:
+            for row in rows:
+                copy.write_row([_copy_value(name, row[name]) for name in COLUMNS])
+        cur.execute(_INSERT_SQL)
+        return cur.rowcount
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    stored: int
+    duplicates: int
+    rejected: list[Rejection]
+    warnings: list[str]
+
+
+def spans_ingest(*, project, items: list[Any]) -> IngestResult:
+    prepared = spans_prepare(project=project, items=items)
+    stored = spans_store(rows=prepared.rows)
+    return IngestResult(
+        accepted=len(prepared.rows),
+        stored=stored.stored,
+        duplicates=stored.duplicates,
+        rejected=prepared.rejected,
+        warnings=prepared.warnings,
+    )
