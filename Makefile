@@ -1,0 +1,32 @@
+# The README's two commands: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-all bench check clean-data
+
+$(STAMP): pyproject.toml sdk/pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]' -e ./sdk
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Bring the appliance up on http://127.0.0.1:8000 with embedded PostgreSQL and Valkey (data in ./.data).
+run: install
+	$(PY) manage.py serve
+
+## The default test suite (what CI runs).
+test: install
+	$(PY) -m pytest
+
+## Benchmarks (not part of `make test`).
+bench: install
+	$(PY) tests/performance/bench_ingest.py
+
+check: install
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
