@@ -162,23 +162,16 @@ def _copy_value(name: str, value: Any) -> Any:
     return value
 
 
-_STAGE_SQL = (
-    "CREATE TEMP TABLE IF NOT EXISTS ingest_span_stage "
-    "(LIKE ingest_span INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-)
-_COPY_SQL = f"COPY ingest_span_stage ({', '.join(COLUMNS)}) FROM STDIN"
-# The key table decides which spans are new; only those reach the partitioned table.
-_INSERT_SQL = f"""
-WITH fresh AS (
-    INSERT INTO ingest_spankey (project_id, span_id, timestamp_utc)
-    SELECT project_id, span_id, timestamp_utc FROM ingest_span_stage
-    ON CONFLICT DO NOTHING
-    RETURNING project_id, span_id
-)
-INSERT INTO ingest_span ({', '.join(COLUMNS)})
-SELECT {', '.join('s.' + c for c in COLUMNS)}
-FROM ingest_span_stage s JOIN fresh f USING (project_id, span_id)
+# Keys first: the small key table decides which spans are new (a concurrent writer of
+# the same key waits for ours to commit, then skips it), and only those rows are
+# COPYed, straight into the partitioned table.
+_KEYS_SQL = """
+INSERT INTO ingest_spankey (project_id, span_id, timestamp_utc)
+SELECT * FROM unnest(%s::bigint[], %s::varchar[], %s::timestamptz[])
+ON CONFLICT DO NOTHING
+RETURNING project_id, span_id
 """
+_COPY_SQL = f"COPY ingest_span ({', '.join(COLUMNS)}) FROM STDIN"
 
 
 def spans_store(*, rows: list[dict]) -> StoreResult:
@@ -205,13 +198,15 @@ def spans_store(*, rows: list[dict]) -> StoreResult:
 
 def _copy_and_insert(rows: list[dict]) -> int:
     with transaction.atomic(), connection.cursor() as cur:
-        # Per connection; inside the transaction so a rolled-back one cannot leave us without it.
-        cur.execute(_STAGE_SQL)
-        with cur.copy(_COPY_SQL) as copy:
-            for row in rows:
-                copy.write_row([_copy_value(name, row[name]) for name in COLUMNS])
-        cur.execute(_INSERT_SQL)
-        return cur.rowcount
+        cur.execute(_KEYS_SQL, [[r["project_id"] for r in rows], [r["span_id"] for r in rows],
+                                [r["timestamp_utc"] for r in rows]])
+        fresh = set(cur.fetchall())
+        new_rows = [r for r in rows if (r["project_id"], r["span_id"]) in fresh]
+        if new_rows:
+            with cur.copy(_COPY_SQL) as copy:
+                for row in new_rows:
+                    copy.write_row([_copy_value(name, row[name]) for name in COLUMNS])
+        return len(new_rows)
 
 
 @dataclass(frozen=True)
