@@ -13,11 +13,10 @@ from urllib.parse import urlparse
 
 
 class ConfigError(SystemExit):
-    """Bad configuration: the process stops with this message (exit code 2)."""
+    """Bad configuration: the process stops, printing this message (exit code 1)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(f"llm-observe configuration error: {message}")
-        self.code = 2
 
 
 def _raw(name: str) -> str | None:

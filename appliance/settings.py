@@ -61,7 +61,8 @@ def _database_from_url(url: str) -> dict:
     parsed = urlparse(url)
     name = unquote(parsed.path.lstrip("/"))
     if not name:
-        raise ConfigError("DATABASE_URL has no database name (postgresql://user:pass@host:5432/NAME)")
+        variable = "DATABASE_URL" if env_str("DATABASE_URL") else "POSTGRES_URL"
+        raise ConfigError(f"{variable} has no database name (postgresql://user:pass@host:5432/NAME)")
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": name,

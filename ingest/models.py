@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -90,7 +91,8 @@ class ModelPrice(models.Model):
         errors = {}
         for field in ("input_price_per_1m", "output_price_per_1m", "cached_input_price_per_1m"):
             value = getattr(self, field)
-            if value is not None and value < 0:
+            # NaN/inf were already refused by the field; comparing them would raise.
+            if isinstance(value, Decimal) and value.is_finite() and value < 0:
                 errors[field] = "prices cannot be negative"
         if errors:
             raise ValidationError(errors)

@@ -53,22 +53,22 @@ def _apply(model_cls, lookup: dict, values: dict, where: str, summary: LoadSumma
         summary.kept += 1
         return
     obj = existing or model_cls(**lookup)
-    changed = existing is None or any(getattr(obj, k) != v for k, v in values.items())
+    before = {key: getattr(obj, key) for key in values} if existing is not None else None
     for key, value in values.items():
         setattr(obj, key, value)
     obj.source = ModelPrice.Source.CONFIG
     try:
-        obj.full_clean(validate_unique=False)
+        obj.full_clean(validate_unique=False)  # also turns YAML strings into dates and decimals
     except ValidationError as exc:
         raise ConfigFileError(f"{where}: {'; '.join(f'{k}: {v[0]}' for k, v in exc.message_dict.items())}") from None
-    if changed:
-        obj.save()
-        if existing is None:
-            summary.created += 1
-        else:
-            summary.updated += 1
-    else:
+    if before is not None and all(getattr(obj, key) == before[key] for key in values):
         summary.kept += 1
+        return
+    obj.save()
+    if existing is None:
+        summary.created += 1
+    else:
+        summary.updated += 1
 
 
 @transaction.atomic
@@ -114,13 +114,19 @@ def patterns_load(*, path: Path) -> LoadSummary:
         seen.add(row["name"])
         if row["type"] not in DetectionPattern.Kind.values:
             raise ConfigFileError(f"{where}: type must be one of {', '.join(DetectionPattern.Kind.values)}")
+        phrases = row.get("phrases") or []
+        if not isinstance(phrases, list):
+            raise ConfigFileError(f"{where}: phrases must be a list of strings (use `- phrase` lines)")
+        enabled = row.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigFileError(f"{where}: enabled must be true or false, not {enabled!r}")
         values = {
             "type": row["type"],
             "regex": row.get("regex") or "",
-            "phrases": list(row.get("phrases") or []),
+            "phrases": phrases,
             "validator": row.get("validator") or "",
             "placeholder": row.get("placeholder") or "",
-            "enabled": bool(row.get("enabled", True)),
+            "enabled": enabled,
             "description": row.get("description") or "",
         }
         _apply(DetectionPattern, {"name": row["name"]}, values, where, summary)

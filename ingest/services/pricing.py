@@ -29,10 +29,7 @@ PROVIDER_ALIASES = {
     "gemini": "google",
     "google_genai": "google",
     "google-genai": "google",
-    "vertex_ai": "google",
-    "vertexai": "google",
     "gcp.gemini": "google",
-    "gcp.vertex_ai": "google",
     "mistral": "mistral",
     "mistralai": "mistral",
     "mistral_ai": "mistral",
@@ -43,6 +40,9 @@ PROVIDER_ALIASES = {
 }
 
 _BEDROCK_REGIONS = {"us", "eu", "apac", "global"}
+# Clouds that resell several vendors' models at the vendor's list price: the model
+# name, not the platform, says whose price applies.
+PLATFORMS = {"bedrock", "aws_bedrock", "aws.bedrock", "vertex_ai", "vertexai", "gcp.vertex_ai", "openrouter"}
 
 # Suffixes that name a snapshot of a model, not a different model.
 _SNAPSHOT_SUFFIXES = [
@@ -126,7 +126,8 @@ class PriceTable:
         if not model:
             return None
         hint, name = normalize_model(model)
-        wanted = normalize_provider(provider) or hint
+        given = normalize_provider(provider)
+        wanted = hint or (None if given in PLATFORMS else given)
         for candidate in _candidates(name):
             if wanted is not None:
                 price = self.by_key.get((wanted, candidate))
@@ -158,7 +159,10 @@ _state: dict = {"table": None, "signature": None, "checked": 0.0}
 
 def _signature() -> tuple:
     with connection.cursor() as cur:
-        cur.execute("SELECT count(*), max(updated_at) FROM ingest_modelprice")
+        # A digest of every row: catches edits that bypass updated_at (bulk updates, psql).
+        cur.execute(
+            "SELECT count(*), md5(coalesce(string_agg(p::text, '|' ORDER BY p.id), '')) FROM ingest_modelprice p"
+        )
         return tuple(cur.fetchone())
 
 

@@ -132,7 +132,7 @@ def test_serve_runs_everything_keeps_data_and_stops_cleanly(appliance):
         assert "default" in browser.get("/").text
         assert browser.get("/admin/").status_code == 200
 
-    rc = appliance.stop()
+    assert appliance.stop() == 130  # honcho: stopped by SIGINT, every child ended
     pid_file = appliance.data_dir / "postgres" / "postmaster.pid"
     for _ in range(50):
         if not pid_file.exists():
