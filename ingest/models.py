@@ -144,7 +144,7 @@ class Span(models.Model):
     (COPY into a staging table, then a deduplicating insert).
     """
 
-    pk = models.CompositePrimaryKey("project_id", "span_id", "timestamp_utc")
+    pk = models.CompositePrimaryKey("project_id", "timestamp_utc", "span_id")
     project = models.ForeignKey(Project, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
     span_id = models.CharField(max_length=128)
     timestamp_utc = models.DateTimeField()

@@ -119,12 +119,24 @@ class PriceTable:
     def __init__(self, prices: list[Price]) -> None:
         self.by_key: dict[tuple[str, str], Price] = {(p.provider, p.model): p for p in prices}
         self.by_model: dict[str, list[Price]] = {}
+        self._memo: dict[tuple[str | None, str], Price | None] = {}
         for price in prices:
             self.by_model.setdefault(price.model, []).append(price)
 
     def lookup(self, *, provider: str | None, model: str | None) -> Price | None:
         if not model:
             return None
+        key = (provider, model)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        if len(self._memo) > 50_000:  # model names come from clients: keep the memo bounded
+            self._memo.clear()
+        price = self._memo[key] = self._lookup(provider, model)
+        return price
+
+    def _lookup(self, provider: str | None, model: str) -> Price | None:
         hint, name = normalize_model(model)
         given = normalize_provider(provider)
         wanted = hint or (None if given in PLATFORMS else given)

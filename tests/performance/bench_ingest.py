@@ -1,6 +1,6 @@
 """Ingest benchmark: spans/s durably stored through the real web server vs a raw COPY ceiling.
 
-    .venv/bin/python tests/performance/bench_ingest.py [--clients 4] [--batches 150] [--batch-size 100]
+    .venv/bin/python tests/performance/bench_ingest.py [--clients 6] [--batches 120] [--batch-size 100]
 
 Starts a fresh embedded PostgreSQL (own DATA_DIR), the real web server (`manage.py serve
 --no-worker`, gunicorn), and posts pre-built batches of realistic spans from several
@@ -127,8 +127,8 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--batches", type=int, default=150, help="batches per client")
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=120, help="batches per client")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--web-workers", type=int, default=3)
     parser.add_argument("--keep-data", action="store_true")
@@ -152,7 +152,7 @@ def main() -> int:
 
     from ingest.models import Project
     from ingest.services.api_keys import api_key_create
-    from ingest.services.spans import COLUMNS, _copy_value, spans_prepare
+    from ingest.services.spans import COLUMNS, copy_values, spans_prepare
 
     call_command("migrate", verbosity=0)
     call_command("load_config", verbosity=0)
@@ -210,7 +210,7 @@ def main() -> int:
                 for item in items:
                     item["span_id"] = "c" + item["span_id"]
                 rows = spans_prepare(project=project, items=items).rows
-                client_batches.append([tuple(_copy_value(n, r[n]) for n in COLUMNS) for r in rows])
+                client_batches.append([tuple(copy_values(r)) for r in rows])
             copy_batches.append(client_batches)
         connection.close()
         copy_elapsed, _ = run_parallel(copy_client, [(settings.DATABASE_URL, copy_batches[c], COLUMNS)

@@ -47,7 +47,8 @@ class Command(BaseCommand):
         web = [
             python, "-m", "gunicorn", "appliance.wsgi:application",
             "--bind", f"{bind}:{settings.PORT}", "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+            "--worker-class", os.environ.get("WEB_WORKER_CLASS", "gthread"),
+            "--threads", os.environ.get("WEB_THREADS", "4"), "--keep-alive", "30",
             "--graceful-timeout", "20", "--timeout", "60", "--access-logfile", "-",
             "--limit-request-line", "8190",
         ]
