@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-all bench check clean-data
+.PHONY: install run test bench check sdk-patterns
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
@@ -30,3 +30,7 @@ bench: install
 check: install
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
+
+## Regenerate the SDK's copy of config/patterns.yaml.
+sdk-patterns: install
+	$(PY) -c 'import json, yaml; d = yaml.safe_load(open("config/patterns.yaml")); open("sdk/instrumentation_sdk/default_patterns.json", "w").write(json.dumps(d, indent=1) + "\n")'

@@ -19,6 +19,10 @@ class Project(models.Model):
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="llm_projects")
     # None: the seed's rule (sha256(span_id) % 100 == 0, about 1 %).
     sampling_rate = models.FloatField(null=True, blank=True, help_text="0-100 %; empty = default 1 % rule")
+    redaction_mode = models.CharField(
+        max_length=16, choices=Redaction.choices, default=Redaction.PLACEHOLDER,
+        help_text="what happens to a prompt or response in which PII was found",
+    )
     redaction_mode = models.CharField(max_length=16, choices=Redaction.choices, default=Redaction.PLACEHOLDER)
     retention_days = models.PositiveIntegerField(null=True, blank=True, help_text="empty = RETENTION_DAYS")
 
@@ -109,7 +113,12 @@ class DetectionPattern(models.Model):
     type = models.CharField(max_length=20, choices=Kind.choices)
     regex = models.TextField(blank=True, help_text="Python regular expression (case-insensitive)")
     phrases = models.JSONField(default=list, blank=True, help_text="list of literal phrases, matched case-insensitively")
-    validator = models.CharField(max_length=32, blank=True, help_text="extra check on regex matches, e.g. luhn")
+    validator = models.CharField(max_length=32, blank=True, help_text="extra check on regex matches: luhn, iban or phone")
+    anchors = models.JSONField(
+        default=list, blank=True,
+        help_text='literals every match has nearby, e.g. ["@"]; the regex then runs only around them. '
+        '"<digits>" = near a run of digits. Empty: the regex runs on the whole text (correct, slower).',
+    )
     placeholder = models.CharField(max_length=40, blank=True, help_text="redaction label, e.g. EMAIL")
     enabled = models.BooleanField(default=True)
     description = models.TextField(blank=True)
@@ -131,6 +140,12 @@ class DetectionPattern(models.Model):
                 errors["regex"] = f"does not compile: {exc}"
         if not isinstance(self.phrases, list) or not all(isinstance(p, str) and p.strip() for p in self.phrases):
             errors["phrases"] = "must be a list of non-empty strings"
+        if not isinstance(self.anchors, list) or not all(isinstance(a, str) and a for a in self.anchors):
+            errors["anchors"] = "must be a list of non-empty strings"
+        from instrumentation_sdk.scanning import VALIDATORS
+
+        if self.validator and self.validator not in VALIDATORS:
+            errors["validator"] = f"unknown validator; one of {', '.join(sorted(VALIDATORS))}"
         if not self.regex and not self.phrases:
             errors["regex"] = "give a regex or at least one phrase"
         if errors:
@@ -175,6 +190,8 @@ class Span(models.Model):
     pii_detected = models.BooleanField(default=False)
     injection_attempt = models.BooleanField(default=False)
     matched_patterns = models.JSONField(null=True)
+    # ok: scanned; error: the scanner failed (stored as sent, see logs); None: not scanned
+    scan_status = models.CharField(max_length=8, null=True)
     prompt = models.TextField(null=True)
     response = models.TextField(null=True)
     prompt_hash = models.CharField(max_length=64, null=True)

@@ -155,6 +155,7 @@ class SpanOut(Schema):
     pii_detected: bool
     injection_attempt: bool
     matched_patterns: list[str] | None
+    scan_status: str | None
     prompt: str | None
     response: str | None
     prompt_hash: str | None

@@ -5,6 +5,7 @@ import pytest
 from ingest.services.api_keys import api_key_create
 from ingest.services.partitions import partitions_forget_cache
 from ingest.services.pricing import price_table_reset
+from ingest.services.scanning import scanner_reset
 from ingest.selectors.api_keys import api_key_cache_clear
 
 
@@ -13,10 +14,12 @@ def _fresh_process_caches():
     # Each test's transaction is rolled back, partitions and prices with it.
     partitions_forget_cache()
     price_table_reset()
+    scanner_reset()
     api_key_cache_clear()
     yield
     partitions_forget_cache()
     price_table_reset()
+    scanner_reset()
     api_key_cache_clear()
 
 

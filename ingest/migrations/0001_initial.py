@@ -40,6 +40,7 @@ CREATE TABLE ingest_span (
     pii_detected boolean NOT NULL DEFAULT false,
     injection_attempt boolean NOT NULL DEFAULT false,
     matched_patterns jsonb,
+    scan_status varchar(8),
     prompt text,
     response text,
     prompt_hash varchar(64),

@@ -16,7 +16,7 @@ SPAN_FIELDS = (
     "service_name", "endpoint", "environment", "user_id", "session_id", "status", "finish_reason",
     "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "token_count_method",
     "latency_ms_ttft", "latency_ms_total", "cost_usd_micro", "price_version", "is_sampled",
-    "retry_count", "attempted_models", "pii_detected", "injection_attempt", "matched_patterns",
+    "retry_count", "attempted_models", "pii_detected", "injection_attempt", "matched_patterns", "scan_status",
     "prompt", "response", "prompt_hash", "error_type", "error_message", "metadata", "received_at",
 )
 

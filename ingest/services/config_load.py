@@ -117,6 +117,9 @@ def patterns_load(*, path: Path) -> LoadSummary:
         phrases = row.get("phrases") or []
         if not isinstance(phrases, list):
             raise ConfigFileError(f"{where}: phrases must be a list of strings (use `- phrase` lines)")
+        anchors = row.get("anchors") or []
+        if not isinstance(anchors, list):
+            raise ConfigFileError(f"{where}: anchors must be a list of strings")
         enabled = row.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigFileError(f"{where}: enabled must be true or false, not {enabled!r}")
@@ -125,6 +128,7 @@ def patterns_load(*, path: Path) -> LoadSummary:
             "regex": row.get("regex") or "",
             "phrases": phrases,
             "validator": row.get("validator") or "",
+            "anchors": anchors,
             "placeholder": row.get("placeholder") or "",
             "enabled": enabled,
             "description": row.get("description") or "",

@@ -19,6 +19,7 @@ from ingest.schemas import SpanIn
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
 from ingest.services.sampling import should_sample
+from ingest.services.scanning import scan_row
 
 # Order of the columns in the COPY into the staging table.
 COLUMNS = (
@@ -27,7 +28,7 @@ COLUMNS = (
     "status", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
     "reasoning_tokens", "token_count_method", "latency_ms_ttft", "latency_ms_total",
     "cost_usd_micro", "price_version", "is_sampled", "retry_count", "attempted_models",
-    "pii_detected", "injection_attempt", "matched_patterns", "prompt", "response", "prompt_hash",
+    "pii_detected", "injection_attempt", "matched_patterns", "scan_status", "prompt", "response", "prompt_hash",
     "error_type", "error_message", "metadata", "received_at",
 )
 _JSON_COLUMNS = {"attempted_models", "matched_patterns", "metadata"}
@@ -139,12 +140,14 @@ def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> 
     for name in _TEXT_FIELDS:
         row[name] = _clean_text(row[name])
 
+    # Before anything else sees the text: redact PII, flag injection attempts.
+    scan_row(row, drop_text=project.redaction_mode == "drop")
+
     sampled = should_sample(row["span_id"], project.sampling_rate)
     row["is_sampled"] = sampled
-    row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if sampled and row["prompt"] else None
-    row["pii_detected"] = bool(span.pii_detected)
-    row["injection_attempt"] = bool(span.injection_attempt)
-    row["matched_patterns"] = None
+    # A prompt with PII keeps no derived fields (hash, embedding).
+    hashed = sampled and row["prompt"] and not row["pii_detected"]
+    row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if hashed else None
     if row["token_count_method"] is None and (span.prompt_tokens is not None or span.completion_tokens is not None):
         row["token_count_method"] = "unspecified"
 

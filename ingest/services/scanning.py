@@ -1,0 +1,102 @@
+"""Server-side PII and injection scanning with the patterns of the DetectionPattern table.
+
+Runs inside spans_prepare, before anything is stored or produced to Kafka, so
+PII never reaches disk unredacted. Every process rebuilds its scanner within
+CONFIG_REFRESH_SECONDS of an admin edit (a digest of the table is checked).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from django.conf import settings
+from django.db import connection
+from instrumentation_sdk.scanning import PatternSpec, ScanResult, Scanner, default_patterns
+
+log = logging.getLogger(__name__)
+
+SCANNED_FIELDS = ("prompt", "response", "error_message")
+_lock = threading.Lock()
+_state: dict = {"scanner": None, "signature": None, "checked": 0.0}
+
+
+def _signature() -> tuple:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*), md5(coalesce(string_agg(p::text, '|' ORDER BY p.id), '')) FROM ingest_detectionpattern p"
+        )
+        return tuple(cur.fetchone())
+
+
+def _build() -> Scanner:
+    from ingest.models import DetectionPattern
+
+    rows = list(DetectionPattern.objects.all())
+    if not rows:
+        # Never loaded (a fresh database): the shipped defaults, rather than no scanning at all.
+        return Scanner.from_mappings(default_patterns())
+    specs = [
+        PatternSpec(name=r.name, type=r.type, regex=r.regex, phrases=tuple(r.phrases), validator=r.validator,
+                    placeholder=r.placeholder, anchors=tuple(r.anchors))
+        for r in rows if r.enabled
+    ]
+    return Scanner(specs)
+
+
+def scanner() -> Scanner:
+    now = time.monotonic()
+    if _state["scanner"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
+        return _state["scanner"]
+    with _lock:
+        if _state["scanner"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
+            return _state["scanner"]
+        signature = _signature()
+        if _state["scanner"] is None or signature != _state["signature"]:
+            try:
+                _state["scanner"] = _build()
+            except Exception:  # a bad row (e.g. edited by SQL) must not stop ingestion
+                log.exception("rebuilding the scanner failed; keeping the previous one")
+                if _state["scanner"] is None:
+                    raise
+            _state["signature"] = signature
+        _state["checked"] = time.monotonic()
+        return _state["scanner"]
+
+
+def scanner_reset() -> None:
+    with _lock:
+        _state.update(scanner=None, signature=None, checked=0.0)
+
+
+def scan_text(text: str) -> ScanResult:
+    return scanner().scan(text)
+
+
+def scan_row(row: dict, *, drop_text: bool) -> None:
+    """Scan and redact a span row in place; a scanner failure marks it unscanned, never raises."""
+    row["pii_detected"] = bool(row.get("pii_detected"))
+    row["injection_attempt"] = bool(row.get("injection_attempt"))
+    row["matched_patterns"] = None
+    try:
+        engine = scanner()
+        pii = injection = False
+        matched: set[str] = set()
+        for name in SCANNED_FIELDS:
+            text = row.get(name)
+            if not text:
+                continue
+            result = engine.scan(text, redact=not drop_text)
+            if result.pii_detected:
+                pii = True
+                row[name] = None if drop_text else result.redacted
+            injection = injection or result.injection_attempt
+            matched.update(result.matched)
+        row["pii_detected"] = row["pii_detected"] or pii
+        row["injection_attempt"] = row["injection_attempt"] or injection
+        row["matched_patterns"] = sorted(matched) or None
+        row["scan_status"] = "ok"
+    except Exception:  # noqa: BLE001 - ingestion goes on; the span says it was not scanned
+        log.exception("scanning span %s failed; stored unscanned", row.get("span_id"))
+        row["scan_status"] = "error"
