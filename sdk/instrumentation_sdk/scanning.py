@@ -30,6 +30,7 @@ DIGITS_ANCHOR = "<digits>"
 WINDOW = 160  # characters kept either side of an anchor hit
 _MAX_MATCH = 4096  # longest match a windowed regex may produce before we re-check it unwindowed
 _DIGIT_RUN = re.compile(r"\d[\d \-.()/+]{3,}\d")
+_SPACE = re.compile(r"\s")
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ class Scanner:
         if len(names) != len(set(names)):
             raise ValueError("pattern names must be unique")
         self._digit_users = [i for i, p in enumerate(self.patterns) if DIGITS_ANCHOR in p.spec.anchors]
+        self._digit_set = frozenset(self._digit_users)
         # key (lower-cased literal) -> list of (kind, pattern index)
         table: dict[str, list[tuple[str, int]]] = {}
         for i, p in enumerate(self.patterns):
@@ -184,7 +186,7 @@ class Scanner:
         for start, end, hits in self._literal_hits(lower):
             for kind, index in hits:
                 if kind == "anchor":
-                    windows.setdefault(index, []).append((max(0, start - WINDOW), end + WINDOW))
+                    windows.setdefault(index, []).append((start - WINDOW, end + WINDOW))
                 elif aligned and self._bounded(text, start, end):
                     p = self.patterns[index]
                     matches.append(Match(p.spec.name, p.spec.type, start, end, p.placeholder))
@@ -196,20 +198,21 @@ class Scanner:
                 for m in re.finditer(re.escape(phrase), text, re.IGNORECASE):
                     if self._bounded(text, m.start(), m.end()):
                         matches.append(Match(p.spec.name, p.spec.type, m.start(), m.end(), p.placeholder))
+        digit_spans = None
         if self._digit_users:
-            digit_windows = [(max(0, m.start() - WINDOW), m.end() + WINDOW) for m in _DIGIT_RUN.finditer(text)]
-            if digit_windows:
-                for index in self._digit_users:
-                    windows.setdefault(index, []).extend(digit_windows)
+            # One set of windows around digit runs, shared by every digit pattern.
+            digit_spans = _edged(text, [(m.start() - WINDOW, m.end() + WINDOW) for m in _DIGIT_RUN.finditer(text)])
         for index, p in enumerate(self.patterns):
             if p.regex is None:
                 continue
             if not p.windowed or not aligned:
                 spans = [(0, len(text))]
-            elif index in windows:
-                spans = [(_left_edge(text, a), b) for a, b in _merge(windows[index], len(text))]
             else:
-                continue
+                spans = _edged(text, windows[index]) if index in windows else []
+                if digit_spans and index in self._digit_set:
+                    spans = _merge(spans + digit_spans, len(text)) if spans else digit_spans
+                if not spans:
+                    continue
             for m in self._regex_matches(p, text, spans):
                 if p.validator is None or p.validator(m.group(0)):
                     matches.append(Match(p.spec.name, p.spec.type, m.start(), m.end(), p.placeholder))
@@ -219,15 +222,13 @@ class Scanner:
     def _regex_matches(p: _Compiled, text: str, spans: Sequence[tuple[int, int]]):
         last_end = -1
         for start, end in spans:
-            whole = start == 0 and end >= len(text)
-            endpos = len(text) if whole else min(len(text), end + _MAX_MATCH)
             pos = max(start, last_end)
             while pos < end:
-                m = p.regex.search(text, pos, endpos)
-                if m is None or m.start() >= end:
+                m = p.regex.search(text, pos, end)
+                if m is None:
                     break
-                if m.end() >= endpos and endpos < len(text):
-                    # The window cut the text; let the regex see all of it from here.
+                if m.end() == end < len(text):
+                    # The window cut the text here (a lookahead saw a false end): look again unwindowed.
                     m = p.regex.match(text, m.start()) or m
                 yield m
                 last_end = m.end()
@@ -245,12 +246,28 @@ class Scanner:
         return result
 
 
+def _edged(text: str, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merged windows, widened to whitespace so none starts or ends inside a match."""
+    if not windows:
+        return []
+    merged = _merge([(max(0, a), b) for a, b in windows], len(text))
+    return _merge([(_left_edge(text, a), _right_edge(text, b)) for a, b in merged], len(text))
+
+
 def _left_edge(text: str, pos: int) -> int:
     """Move a window start left to a whitespace boundary, so it never begins inside a match."""
     limit = max(0, pos - _MAX_MATCH)
     while pos > limit and not text[pos - 1].isspace():
         pos -= 1
     return pos
+
+
+def _right_edge(text: str, pos: int) -> int:
+    """Move a window end right to a whitespace boundary (keys and addresses hold no spaces)."""
+    if pos >= len(text):
+        return len(text)
+    m = _SPACE.search(text, pos, pos + _MAX_MATCH)
+    return m.start() if m else min(len(text), pos + _MAX_MATCH)
 
 
 def _merge(spans: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
