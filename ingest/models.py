@@ -7,6 +7,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
+from pgvector.django import HnswIndex, VectorField
 
 
 class Project(models.Model):
@@ -216,3 +217,25 @@ class SpanKey(models.Model):
     project = models.ForeignKey(Project, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
     span_id = models.CharField(max_length=128)
     timestamp_utc = models.DateTimeField(db_index=True)
+
+
+class Embedding(models.Model):
+    """One MiniLM vector per distinct prompt of a project (content_key = the spans' prompt_hash).
+
+    Deliberately not partitioned by time: a 30-day search then walks one HNSW graph
+    instead of thirty. Spans point here through prompt_hash; time, service and model
+    filters are applied on the spans (a partial index covers the sampled ones).
+    """
+
+    pk = models.CompositePrimaryKey("project_id", "content_key")
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    content_key = models.CharField(max_length=64)
+    embedding = VectorField(dimensions=384)
+    model_name = models.CharField(max_length=100)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            HnswIndex(name="ingest_embedding_hnsw", fields=["embedding"], m=16, ef_construction=64,
+                      opclasses=["vector_cosine_ops"]),
+        ]

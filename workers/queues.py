@@ -6,3 +6,8 @@ from enum import StrEnum
 class Queue(StrEnum):
     DEFAULT = "celery"
     MAINTENANCE = "maintenance"
+
+
+class Topic(StrEnum):
+    SPANS_RAW = "llm.spans.raw"
+    SPANS_DLQ = "llm.spans.raw.dlq"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from celery import shared_task
 from django.conf import settings
 
+from ingest.services.embeddings import embeddings_backfill, embeddings_compute
 from ingest.services.partitions import partitions_create_ahead, partitions_drop_expired
 from workers import heartbeat  # noqa: F401 - registers the worker heartbeat signal
 
@@ -14,3 +17,24 @@ def maintain_partitions() -> dict:
     created = partitions_create_ahead(days_ahead=settings.PARTITIONS_AHEAD_DAYS)
     dropped = partitions_drop_expired(retention_days=settings.RETENTION_DAYS)
     return {"created": [d.isoformat() for d in created], "dropped": [d.isoformat() for d in dropped]}
+
+
+@shared_task(
+    name="enrichment.embed_prompts",
+    ignore_result=True,
+    autoretry_for=(Exception,),
+    retry_backoff=2,
+    retry_backoff_max=300,
+    max_retries=8,
+    acks_late=True,
+)
+def embed_prompts(*, project_id: int, content_keys: list[str], start: str, end: str) -> int:
+    """Embed the sampled prompts of one committed batch (retried with backoff; ingestion never waits)."""
+    return embeddings_compute(project_id=project_id, content_keys=content_keys,
+                              start=datetime.fromisoformat(start), end=datetime.fromisoformat(end))
+
+
+@shared_task(name="enrichment.backfill", ignore_result=True)
+def backfill_embeddings(hours: int = 24) -> int:
+    """Catch sampled prompts whose task was lost (broker down at commit time)."""
+    return embeddings_backfill(hours=hours)

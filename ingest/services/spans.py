@@ -15,7 +15,9 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from pydantic import ValidationError
 
+from ingest.metrics import metrics_record_ingest
 from ingest.schemas import SpanIn
+from ingest.services.embeddings import embeddings_enqueue
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
 from ingest.services.sampling import should_sample
@@ -217,6 +219,8 @@ def _copy_and_insert(rows: list[dict]) -> int:
             with cur.copy(_COPY_SQL) as copy:
                 for row in new_rows:
                     copy.write_row(copy_values(row))
+            # Embeddings are computed by workers, only for what was really committed.
+            transaction.on_commit(lambda: embeddings_enqueue(rows=new_rows))
         return len(new_rows)
 
 
@@ -231,7 +235,15 @@ class IngestResult:
 
 def spans_ingest(*, project, items: list[Any]) -> IngestResult:
     prepared = spans_prepare(project=project, items=items)
-    stored = spans_store(rows=prepared.rows)
+    if settings.WITH_KAFKA:
+        # Kafka mode: durable once the broker acknowledged; the consumer calls spans_store.
+        from ingest.producer import spans_produce
+
+        spans_produce(rows=prepared.rows)
+        stored = StoreResult(stored=0, duplicates=0)
+    else:
+        stored = spans_store(rows=prepared.rows)
+    metrics_record_ingest(prepared=prepared, stored=stored)
     return IngestResult(
         accepted=len(prepared.rows),
         stored=stored.stored,

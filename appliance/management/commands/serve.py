@@ -9,6 +9,7 @@ stops them all; the embedded PostgreSQL / Valkey started by this process stop la
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
@@ -23,8 +24,9 @@ class Command(BaseCommand):
         parser.add_argument("--web-workers", type=int, default=int(os.environ.get("WEB_WORKERS", "0")) or None)
         parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
         parser.add_argument("--skip-prepare", action="store_true", help="skip migrate/load_config/bootstrap")
+        parser.add_argument("--no-consumer", action="store_true", help="do not start the Kafka consumer")
 
-    def handle(self, *args, bind, web_workers, no_worker, skip_prepare, **options):
+    def handle(self, *args, bind, web_workers, no_worker, skip_prepare, no_consumer, **options):
         from honcho.manager import Manager
 
         if not skip_prepare:
@@ -43,6 +45,13 @@ class Command(BaseCommand):
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",
         }
+        # Every child writes its Prometheus samples here and /metrics sums the files; those of a
+        # previous run would be counted again, so they go (counters restart at zero, as Prometheus expects).
+        metrics_dir = Path(settings.PROMETHEUS_MULTIPROC_DIR)
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in metrics_dir.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         manager = Manager()
         web = [
             python, "-m", "gunicorn", "appliance.wsgi:application",
@@ -62,6 +71,10 @@ class Command(BaseCommand):
                 python, "-m", "celery", "-A", "appliance", "beat", "--loglevel", "INFO",
                 "--schedule", str(settings.DATA_DIR / "celerybeat-schedule"),
             ]), env=env, cwd=str(settings.BASE_DIR))
+        if settings.WITH_KAFKA and not no_consumer:
+            # The consumer creates the topics when missing and waits for the broker if it is not up yet.
+            manager.add_process("consumer", shlex.join([python, "manage.py", "run_consumer", "spans"]),
+                                env=env, cwd=str(settings.BASE_DIR))
         self.stdout.write(f"llm-observe: serving on http://{bind}:{settings.PORT} (data in {settings.DATA_DIR}); Ctrl-C stops")
         manager.loop()
         sys.exit(manager.returncode or 0)

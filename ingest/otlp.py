@@ -1,0 +1,731 @@
+"""OTLP traces in, span dicts of the SpanIn shape out.
+
+Decodes an OTLP/HTTP ExportTraceServiceRequest (protobuf or the OTLP JSON
+encoding) and maps each span onto our fields, reading the OpenTelemetry GenAI
+semantic conventions (current and older names, the OpenLLMetry flattened
+prompt/completion attributes) and the OpenInference conventions. LLM calls
+become LLM spans (model, provider, tokens, prompt, response); every other span
+of the trace (HTTP handler, agent, chain, tool, retriever) is kept with model
+null so the trace tree stays whole. Attributes that carry prompt or response
+text are moved into `prompt` / `response`, which the ingest service scans for
+PII before storage, never into `metadata`, which it does not scan.
+
+The result goes through `spans_ingest` like any /v1/spans batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from ingest.schemas import FINISH_REASON_ALIASES, FINISH_REASONS, SpanIn
+
+PROTOBUF = "protobuf"
+JSON = "json"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_STATUS_ERROR = 2
+_KINDS = {0: None, 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
+
+# gen_ai.operation.name values that are one model call.
+LLM_OPERATIONS = frozenset({"chat", "generate_content", "text_completion", "completion", "embeddings", "embedding"})
+# openinference.span.kind values that are one model call.
+OI_LLM_KINDS = frozenset({"LLM", "EMBEDDING"})
+
+# Provider names of the GenAI conventions that the price table knows under another spelling.
+_PROVIDERS = {
+    "azure.ai.openai": "azure_openai",
+    "gcp.gen_ai": "google",
+    "gcp.gemini": "google",
+    "aws": "aws.bedrock",  # OpenInference's llm.provider for Bedrock
+    "mistralai": "mistral",
+}
+
+_INPUT_TOKENS = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt",
+                 "llm.usage.prompt_tokens")
+_OUTPUT_TOKENS = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion",
+                  "llm.usage.completion_tokens")
+_CACHE_READ = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens",
+               "llm.token_count.prompt_details.cache_read")
+_CACHE_WRITE = ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_creation_input_tokens",
+                "llm.token_count.prompt_details.cache_write")
+_REASONING = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
+              "llm.token_count.completion_details.reasoning")
+_MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "llm.response.model",
+               "llm.request.model")
+_PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
+_USER_KEYS = ("user.id", "enduser.id", "gen_ai.user.id")
+_SESSION_KEYS = ("session.id", "gen_ai.conversation.id", "conversation.id")
+_TTFT_SECONDS = ("gen_ai.response.time_to_first_chunk", "gen_ai.response.time_to_first_token",
+                 "gen_ai.server.time_to_first_token")
+_FIRST_CHUNK_EVENTS = frozenset({"gen_ai.first_chunk", "gen_ai.response.first_chunk", "first_token",
+                                 "gen_ai.first_token", "llm.first_token", "first_chunk"})
+
+# Attributes that hold prompt/response text or vectors: read, then never copied into metadata.
+_CONTENT_KEYS = frozenset({
+    "gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions", "gen_ai.prompt",
+    "gen_ai.completion", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result", "gen_ai.retrieval.query.text",
+    "gen_ai.retrieval.documents", "input.value", "output.value", "llm.prompts", "llm.prompt", "llm.response",
+    "llm.text", "input.mime_type", "output.mime_type", "tool.parameters", "llm.prompt_template.variables",
+})
+_CONTENT_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.",
+                     "retrieval.documents.", "reranker.input_documents.", "reranker.output_documents.",
+                     "embedding.embeddings.", "llm.prompts.")
+# OpenInference puts these as JSON strings; kept as objects they can be filtered on.
+_JSON_OBJECT_KEYS = frozenset({"metadata", "llm.invocation_parameters"})
+_FLAT_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.")
+_FLAT_MESSAGE = re.compile(r"^(llm\.(input|output)_messages|gen_ai\.(prompt|completion))\.(\d+)\.(.+)$")
+
+# Our own OTel form (`llm.<field>`, seed-api.md): copied onto the field of the same name.
+_OWN_FIELDS = {
+    name: name for name in SpanIn.model_fields
+    if name not in ("schema_version", "metadata", "text", "span_id", "trace_id", "parent_span_id", "timestamp_utc")
+}
+_LLM_ONLY_FIELDS = frozenset({"model", "provider", "prompt_tokens", "completion_tokens", "cached_tokens",
+                              "reasoning_tokens", "latency_ms_ttft", "finish_reason", "token_count_method"})
+_OWN_FIELDS_ANY_SPAN = {k: v for k, v in _OWN_FIELDS.items() if k not in _LLM_ONLY_FIELDS}
+_INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "retry_count"})
+_FLOAT_FIELDS = frozenset({"latency_ms_ttft", "latency_ms_total"})
+_BOOL_FIELDS = frozenset({"is_sampled", "pii_detected", "injection_attempt"})
+_MAX_LEN = {name: getattr(meta, "max_length", None) for name, f in SpanIn.model_fields.items()
+            for meta in f.metadata if getattr(meta, "max_length", None)}
+
+_META_STRING_LIMIT = 2000
+_META_LIST_LIMIT = 50
+_META_KEYS_LIMIT = 128
+_EVENTS_LIMIT = 20
+_TEXT_LIMIT = 1_000_000
+
+
+class OtlpDecodeError(Exception):
+    """The body is not an ExportTraceServiceRequest in the declared encoding."""
+
+
+@dataclass(frozen=True)
+class MappedRejection:
+    span_id: str | None
+    reason: str
+
+
+@dataclass
+class Mapped:
+    spans: list[dict]
+    rejected: list[MappedRejection]
+
+
+# --- decoding -------------------------------------------------------------------
+_HEX = re.compile(r"^[0-9a-fA-F]*$")
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _ids_to_base64(node: dict) -> None:
+    # OTLP/JSON spells ids as hex; protobuf's JSON mapping expects base64 for bytes.
+    for key in _ID_KEYS:
+        value = node.get(key)
+        if isinstance(value, str) and value and len(value) % 2 == 0 and _HEX.match(value):
+            node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+
+
+def _each(node: Any, *keys: str) -> list:
+    for key in keys:
+        value = node.get(key) if isinstance(node, dict) else None
+        if value is not None:
+            if not isinstance(value, list):
+                raise OtlpDecodeError(f"{key} must be an array")
+            return value
+    return []
+
+
+def decode_request(data: bytes, encoding: str) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    if encoding == PROTOBUF:
+        try:
+            request.ParseFromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            raise OtlpDecodeError(f"body is not a protobuf ExportTraceServiceRequest: {exc}") from None
+        return request
+    if not data.strip():
+        return request
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise OtlpDecodeError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise OtlpDecodeError("body must be a JSON object (ExportTraceServiceRequest)")
+    for resource_spans in _each(payload, "resourceSpans", "resource_spans"):
+        for scope_spans in _each(resource_spans, "scopeSpans", "scope_spans"):
+            for span in _each(scope_spans, "spans"):
+                if not isinstance(span, dict):
+                    raise OtlpDecodeError("each span must be an object")
+                _ids_to_base64(span)
+                for link in _each(span, "links"):
+                    if isinstance(link, dict):
+                        _ids_to_base64(link)
+    try:
+        json_format.ParseDict(payload, request, ignore_unknown_fields=True)
+    except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise OtlpDecodeError(f"body is not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
+    return request
+
+
+def encode_response(*, rejected: int, message: str, encoding: str) -> bytes:
+    response = ExportTraceServiceResponse()
+    if rejected or message:
+        response.partial_success.rejected_spans = rejected
+        response.partial_success.error_message = message
+    if encoding == PROTOBUF:
+        return response.SerializeToString()
+    return json_format.MessageToJson(response, indent=None).encode()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_status(*, code: int, message: str, encoding: str) -> bytes:
+    """A google.rpc.Status, the body OTLP/HTTP expects on 4xx/5xx (hand-encoded: two fields)."""
+    if encoding == PROTOBUF:
+        text = message.encode("utf-8")
+        return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+    return orjson.dumps({"code": code, "message": message})
+
+
+# --- values -----------------------------------------------------------------------
+def _value(value) -> Any:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode()
+    return getattr(value, kind)
+
+
+def _attributes(key_values) -> dict:
+    return {kv.key: _value(kv.value) for kv in key_values}
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """A metadata value of bounded size."""
+    if isinstance(value, str):
+        return value if len(value) <= _META_STRING_LIMIT else value[:_META_STRING_LIMIT] + "…"
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)  # jsonb has no NaN / Infinity
+    if isinstance(value, list):
+        return [_bounded(v, depth + 1) for v in value[:_META_LIST_LIMIT]] if depth < 4 else str(value)[:200]
+    if isinstance(value, dict):
+        return ({k: _bounded(v, depth + 1) for k, v in list(value.items())[:_META_LIST_LIMIT]}
+                if depth < 4 else str(value)[:200])
+    return value
+
+
+def _first(attrs: dict, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = attrs.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return int(value) if value == value and abs(value) < 1e18 else None
+    if isinstance(value, str):
+        try:
+            return int(float(value.strip()))
+        except (ValueError, OverflowError):
+            return None
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) < 1e18 else None
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return number if number == number and abs(number) < 1e18 else None
+    return None
+
+
+def _bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if isinstance(value, int):
+        return bool(value)
+    return None
+
+
+def _clip(name: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    limit = _MAX_LEN.get(name)
+    return value[:limit] if limit and len(value) > limit else value
+
+
+def _finish_reason(value: Any) -> str | None:
+    if isinstance(value, list):
+        value = next((v for v in value if isinstance(v, str) and v), None)
+    if not isinstance(value, str):
+        return None
+    lowered = value.strip().lower()
+    lowered = FINISH_REASON_ALIASES.get(lowered, lowered)
+    return lowered if lowered in FINISH_REASONS else None
+
+
+# --- messages -----------------------------------------------------------------------
+def _json_or_value(value: Any) -> Any:
+    if isinstance(value, str):
+        stripped = value.lstrip()
+        if stripped[:1] in ("[", "{"):
+            try:
+                return orjson.loads(value)
+            except orjson.JSONDecodeError:
+                return value
+    return value
+
+
+def _part_text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    if kind in ("tool_call", "function_call"):
+        args = part.get("arguments")
+        args = args if isinstance(args, str) else orjson.dumps(args).decode() if args is not None else ""
+        return f"[tool_call {part.get('name') or ''}({args})]"
+    if kind in ("tool_call_response", "tool_result"):
+        result = part.get("response", part.get("result", part.get("content")))
+        result = result if isinstance(result, str) else orjson.dumps(result).decode() if result is not None else ""
+        return f"[tool_result {result}]"
+    for key in ("content", "text"):
+        text = part.get(key)
+        if isinstance(text, str):
+            return text
+    return None
+
+
+def _message_text(message: Any) -> tuple[str | None, str | None]:
+    """(role, text) of one message in the GenAI (parts), OpenAI (content) or plain form."""
+    if isinstance(message, str):
+        return None, message
+    if not isinstance(message, dict):
+        return None, None
+    role = message.get("role") if isinstance(message.get("role"), str) else None
+    pieces: list[str] = []
+    for key in ("parts", "content", "contents"):
+        body = message.get(key)
+        if isinstance(body, str):
+            pieces.append(body)
+        elif isinstance(body, list):
+            pieces += [t for t in (_part_text(p) for p in body) if t]
+    calls = message.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if isinstance(call, dict):
+            function = call.get("function") if isinstance(call.get("function"), dict) else call
+            pieces.append(_part_text({"type": "tool_call", "name": function.get("name"),
+                                      "arguments": function.get("arguments")}) or "")
+    text = "\n".join(p for p in pieces if p)
+    return role, text or None
+
+
+def _render(messages: list, system: Any = None) -> str | None:
+    rendered: list[tuple[str | None, str]] = []
+    if system is not None:
+        system = _json_or_value(system)
+        parts = system if isinstance(system, list) else [system]
+        text = "\n".join(t for t in (_part_text(p) for p in parts) if t)
+        if text:
+            rendered.append(("system", text))
+    for message in messages:
+        role, text = _message_text(message)
+        if text:
+            rendered.append((role, text))
+    if not rendered:
+        return None
+    if len(rendered) == 1:
+        return rendered[0][1]
+    return "\n".join(f"{role}: {text}" if role else text for role, text in rendered)
+
+
+def _flat_messages(attrs: dict) -> dict[str, list[dict]]:
+    """OpenInference `llm.input_messages.0.message.content` and OpenLLMetry `gen_ai.prompt.0.content`."""
+    found: dict[str, dict[int, dict]] = {}
+    for key, value in attrs.items():
+        if not key.startswith(_FLAT_PREFIXES):
+            continue
+        match = _FLAT_MESSAGE.match(key)
+        if not match:
+            continue
+        direction = "input" if (match.group(2) == "input" or match.group(3) == "prompt") else "output"
+        index, rest = int(match.group(4)), match.group(5)
+        message = found.setdefault(direction, {}).setdefault(index, {"contents": {}, "tool_calls": {}})
+        if rest.startswith("message."):
+            rest = rest[len("message."):]
+        if rest == "role":
+            message["role"] = value
+        elif rest == "content":
+            message["content"] = value
+        elif rest == "finish_reason":
+            message["finish_reason"] = value
+        elif rest.startswith("contents."):
+            sub = rest.split(".", 2)
+            if len(sub) == 3 and sub[2] in ("message_content.text", "text"):
+                message["contents"][int(sub[1]) if sub[1].isdigit() else 0] = value
+        elif rest.startswith("tool_calls."):
+            sub = rest.split(".", 2)
+            if len(sub) == 3 and sub[1].isdigit():
+                call = message["tool_calls"].setdefault(int(sub[1]), {})
+                leaf = sub[2].rsplit(".", 1)[-1]
+                if leaf in ("name", "arguments"):
+                    call[leaf] = value
+    out: dict[str, list[dict]] = {}
+    for direction, by_index in found.items():
+        messages = []
+        for index in sorted(by_index):
+            raw = by_index[index]
+            message = {"role": raw.get("role"), "finish_reason": raw.get("finish_reason")}
+            pieces = [raw["content"]] if isinstance(raw.get("content"), str) else []
+            pieces += [raw["contents"][i] for i in sorted(raw["contents"]) if isinstance(raw["contents"][i], str)]
+            message["content"] = "\n".join(pieces)
+            message["tool_calls"] = [{"name": c.get("name"), "arguments": c.get("arguments")}
+                                     for _, c in sorted(raw["tool_calls"].items())]
+            messages.append(message)
+        out[direction] = messages
+    return out
+
+
+def _as_messages(value: Any) -> list | None:
+    value = _json_or_value(value)
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict):
+        # OpenAI-style request bodies as input.value: {"messages": [...]}
+        if isinstance(value.get("messages"), list):
+            return value["messages"]
+        return [value]
+    if isinstance(value, str):
+        return [value]
+    return None
+
+
+# --- one span -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Resource:
+    service_name: str | None
+    environment: str | None
+    metadata: dict | None
+
+
+def _resource(resource) -> _Resource:
+    attrs = _attributes(resource.attributes)
+    service = attrs.pop("service.name", None)
+    env = attrs.pop("deployment.environment.name", None) or attrs.pop("deployment.environment", None)
+    kept = {k: _bounded(v) for k, v in attrs.items()
+            if not k.startswith("telemetry.sdk.") and k not in ("process.command_args", "process.command_line")}
+    return _Resource(
+        service_name=_clip("service_name", str(service)) if service is not None else None,
+        environment=_clip("environment", str(env)) if env is not None else None,
+        metadata=kept or None,
+    )
+
+
+def _hex_id(raw: bytes) -> str | None:
+    return raw.hex() if raw and any(raw) else None
+
+
+def _ns_to_datetime(ns: int) -> datetime | None:
+    if ns <= 0:
+        return None
+    try:
+        return _EPOCH + timedelta(microseconds=ns // 1000)
+    except OverflowError:
+        return None
+
+
+def _is_llm(attrs: dict) -> tuple[bool, str]:
+    operation = attrs.get("gen_ai.operation.name")
+    oi_kind = attrs.get("openinference.span.kind")
+    oi_kind = oi_kind.upper() if isinstance(oi_kind, str) else None
+    if isinstance(operation, str) and operation:
+        is_llm = operation in LLM_OPERATIONS
+        return is_llm, ("embedding" if operation.startswith("embedding") else "llm") if is_llm else operation
+    if oi_kind:
+        return oi_kind in OI_LLM_KINDS, oi_kind.lower()
+    model = _first(attrs, _MODEL_KEYS) or attrs.get("llm.model")
+    return model is not None, "llm" if model is not None else "other"
+
+
+def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
+    attrs = _attributes(span.attributes)
+    start, end = span.start_time_unix_nano, span.end_time_unix_nano
+    out: dict[str, Any] = {
+        "span_id": span.span_id.hex(),
+        "trace_id": span.trace_id.hex(),
+        "parent_span_id": _hex_id(span.parent_span_id),
+        "timestamp_utc": _ns_to_datetime(start),
+        "service_name": resource.service_name,
+        "environment": resource.environment,
+        "endpoint": _clip("endpoint", span.name) or None,
+    }
+    if start and end >= start:
+        out["latency_ms_total"] = (end - start) / 1e6
+    meta: dict[str, Any] = {}
+    is_llm, span_type = _is_llm(attrs)
+    meta["otel.span_type"] = span_type
+    kind = _KINDS.get(span.kind)
+    if kind:
+        meta["otel.kind"] = kind
+    if scope_name:
+        meta["otel.scope"] = scope_name
+
+    # Who and where: any span.
+    user = _first(attrs, _USER_KEYS)
+    if user is not None:
+        out["user_id"] = _clip("user_id", str(user))
+    session = _first(attrs, _SESSION_KEYS)
+    if session is not None:
+        out["session_id"] = _clip("session_id", str(session))
+
+    flat = _flat_messages(attrs)
+    if is_llm:
+        _map_llm(attrs, out, meta, flat)
+    # Text of any span: the messages of an LLM call, the input and output of a chain, agent or tool.
+    prompt = _text_of(attrs, "input", flat)
+    response = _text_of(attrs, "output", flat)
+    if prompt is not None:
+        out["prompt"] = prompt[:_TEXT_LIMIT]
+    if response is not None:
+        out["response"] = response[:_TEXT_LIMIT]
+
+    # Errors: the OTel status, error.type, and the exception event.
+    status = span.status
+    error_message = (status.message or None) if status.code == _STATUS_ERROR else None
+    error_type = attrs.get("error.type")
+    events = []
+    for event in span.events:
+        event_attrs = _attributes(event.attributes)
+        if event.name == "exception":
+            error_type = error_type or event_attrs.get("exception.type")
+            text = event_attrs.get("exception.message")
+            trace = event_attrs.get("exception.stacktrace")
+            if text or trace:
+                error_message = "\n".join(str(t) for t in (error_message or text, trace) if t)
+        elif event.name in _FIRST_CHUNK_EVENTS:
+            if "latency_ms_ttft" not in out and start and event.time_unix_nano >= start:
+                out["latency_ms_ttft"] = (event.time_unix_nano - start) / 1e6
+        elif event.name in ("gen_ai.content.prompt", "gen_ai.user.message", "gen_ai.system.message"):
+            if "prompt" not in out:
+                text = _render(_as_messages(event_attrs.get("gen_ai.prompt", event_attrs.get("content"))) or [])
+                if text:
+                    out["prompt"] = text[:_TEXT_LIMIT]
+        elif event.name in ("gen_ai.content.completion", "gen_ai.choice", "gen_ai.assistant.message"):
+            if "response" not in out:
+                text = _render(_as_messages(event_attrs.get("gen_ai.completion", event_attrs.get("message",
+                                                            event_attrs.get("content")))) or [])
+                if text:
+                    out["response"] = text[:_TEXT_LIMIT]
+        elif len(events) < _EVENTS_LIMIT:
+            offset = (event.time_unix_nano - start) / 1e6 if start and event.time_unix_nano >= start else None
+            events.append({"name": event.name, "offset_ms": offset,
+                           **({"attributes": _bounded({k: v for k, v in event_attrs.items()
+                                                       if k not in _CONTENT_KEYS})} if event_attrs else {})})
+    if status.code == _STATUS_ERROR:
+        out["status"] = "error"
+        if is_llm and out.get("finish_reason") is None:
+            out["finish_reason"] = "error"
+    if error_type is not None:
+        out["error_type"] = _clip("error_type", str(error_type))
+    if error_message:
+        out["error_message"] = _clip("error_message", str(error_message))
+
+    # Our own OTel form wins: it is exactly our field. Model call fields only on model calls.
+    own = _OWN_FIELDS if is_llm else _OWN_FIELDS_ANY_SPAN
+    for key in [k for k in attrs if k.startswith("llm.") and k[4:] in own]:
+        _own_field(out, key[4:], attrs.pop(key), meta)
+
+    if events:
+        meta["otel.events"] = events
+    if span.links:
+        meta["otel.links"] = [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
+                              for link in list(span.links)[:_EVENTS_LIMIT]]
+    if status.code == 1:
+        meta["otel.status"] = "ok"
+    attrs.pop("openinference.span.kind", None)
+    attrs.pop("error.type", None)
+    for key, value in attrs.items():
+        if key in _CONTENT_KEYS or key.startswith(_CONTENT_PREFIXES) or len(meta) >= _META_KEYS_LIMIT:
+            continue
+        if key in _JSON_OBJECT_KEYS:
+            value = _json_or_value(value)
+        meta[key] = _bounded(value)
+    if resource.metadata:
+        meta["otel.resource"] = resource.metadata
+    out["metadata"] = meta
+    return out
+
+
+def _own_field(out: dict, name: str, value: Any, meta: dict) -> None:
+    if name in _INT_FIELDS:
+        coerced = _int(value)
+    elif name in _FLOAT_FIELDS:
+        coerced = _float(value)
+    elif name in _BOOL_FIELDS:
+        coerced = _bool(value)
+    elif name == "finish_reason":
+        coerced = _finish_reason(value)
+    elif name == "attempted_models":
+        coerced = [str(v) for v in value][:100] if isinstance(value, list) else None
+    elif name == "status":
+        coerced = value if value in ("success", "error") else None
+    elif name == "token_count_method":
+        coerced = value if value in ("provider", "tiktoken", "estimated", "unspecified") else None
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        coerced = _clip(name, str(value))
+    else:
+        coerced = None
+    if coerced is None:
+        meta[f"llm.{name}"] = _bounded(value)
+    else:
+        out[name] = coerced
+
+
+def _text_of(attrs: dict, direction: str, flat: dict) -> str | None:
+    """Prompt (direction input) or response text of a span, from the most readable source first."""
+    if direction == "input":
+        messages = _as_messages(attrs.get("gen_ai.input.messages"))
+        system = attrs.get("gen_ai.system_instructions")
+        if messages or system is not None:
+            return _render(messages or [], system)
+    else:
+        messages = _as_messages(attrs.get("gen_ai.output.messages"))
+        if messages:
+            return _render(messages)
+    if flat.get(direction):
+        return _render(flat[direction])
+    keys = (("gen_ai.prompt", "llm.prompts", "gen_ai.tool.call.arguments", "gen_ai.retrieval.query.text",
+             "input.value") if direction == "input" else
+            ("gen_ai.completion", "gen_ai.tool.call.result", "output.value"))
+    for key in keys:
+        value = attrs.get(key)
+        if value is None or value == "":
+            continue
+        if key in ("input.value", "output.value", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result"):
+            return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+        return _render(_as_messages(value) or [])
+    return None
+
+
+def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict) -> None:
+    model = _first(attrs, _MODEL_KEYS)
+    if model is not None:
+        out["model"] = _clip("model", str(model))
+        request_model = attrs.get("gen_ai.request.model")
+        if request_model is not None and request_model != model:
+            meta["gen_ai.request.model"] = _bounded(request_model)
+    for key in _MODEL_KEYS:
+        attrs.pop(key, None)
+    provider = _first(attrs, _PROVIDER_KEYS)
+    if provider is not None:
+        provider = str(provider).strip().lower()
+        out["provider"] = _clip("provider", _PROVIDERS.get(provider, provider))
+    for key in _PROVIDER_KEYS:
+        attrs.pop(key, None)
+
+    prompt_tokens = _int(_first(attrs, _INPUT_TOKENS))
+    completion_tokens = _int(_first(attrs, _OUTPUT_TOKENS))
+    cache_read = _int(_first(attrs, _CACHE_READ))
+    cache_write = _int(_first(attrs, _CACHE_WRITE))
+    reasoning = _int(_first(attrs, _REASONING))
+    for key in (*_INPUT_TOKENS, *_OUTPUT_TOKENS, *_CACHE_READ, *_REASONING):
+        attrs.pop(key, None)
+    if prompt_tokens is not None and (cache_read or 0) + (cache_write or 0) > prompt_tokens:
+        # The conventions count cached input inside input_tokens; an instrumentation that reports
+        # Anthropic's uncached `input_tokens` alone shows itself by a cache larger than the input.
+        prompt_tokens += (cache_read or 0) + (cache_write or 0)
+        meta["llm_observe.input_tokens_adjusted"] = True
+    if cache_write is not None:
+        meta["gen_ai.usage.cache_creation.input_tokens"] = cache_write
+    for key in _CACHE_WRITE:
+        attrs.pop(key, None)
+    if prompt_tokens is None and cache_read:
+        prompt_tokens = cache_read
+    out["prompt_tokens"] = prompt_tokens
+    out["completion_tokens"] = completion_tokens
+    out["cached_tokens"] = cache_read
+    out["reasoning_tokens"] = reasoning
+    if prompt_tokens is not None or completion_tokens is not None:
+        out["token_count_method"] = "provider"
+
+    raw_reasons = attrs.pop("gen_ai.response.finish_reasons", None)
+    reason = _finish_reason(raw_reasons)
+    if reason is None:
+        outputs = _as_messages(attrs.get("gen_ai.output.messages")) or flat.get("output") or []
+        reason = next((_finish_reason(m.get("finish_reason")) for m in outputs
+                       if isinstance(m, dict) and m.get("finish_reason")), None)
+    if reason is not None:
+        out["finish_reason"] = reason
+    elif raw_reasons is not None:
+        meta["gen_ai.response.finish_reasons"] = _bounded(raw_reasons)
+
+    ttft_seconds = _float(_first(attrs, _TTFT_SECONDS))
+    for key in _TTFT_SECONDS:
+        attrs.pop(key, None)
+    if ttft_seconds is not None and ttft_seconds >= 0:
+        out["latency_ms_ttft"] = ttft_seconds * 1000.0
+
+
+
+# --- a whole request ------------------------------------------------------------------
+def map_request(request: ExportTraceServiceRequest) -> Mapped:
+    """Every span of the request as a SpanIn-shaped dict; spans without valid ids are rejected here."""
+    spans: list[dict] = []
+    rejected: list[MappedRejection] = []
+    for resource_spans in request.resource_spans:
+        resource = _resource(resource_spans.resource)
+        for scope_spans in resource_spans.scope_spans:
+            scope_name = scope_spans.scope.name or None
+            for span in scope_spans.spans:
+                if len(span.trace_id) != 16 or not any(span.trace_id):
+                    rejected.append(MappedRejection(span.span_id.hex() or None, "trace_id must be 16 non-zero bytes"))
+                    continue
+                if len(span.span_id) != 8 or not any(span.span_id):
+                    rejected.append(MappedRejection(span.span_id.hex() or None, "span_id must be 8 non-zero bytes"))
+                    continue
+                try:
+                    spans.append(map_span(span, resource, scope_name))
+                except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                    rejected.append(MappedRejection(span.span_id.hex(), f"span could not be mapped: {exc}"))
+    return Mapped(spans, rejected)
+

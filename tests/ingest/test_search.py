@@ -1,0 +1,132 @@
+"""Embeddings (real MiniLM, offline) and POST /v1/search/similar on real pgvector."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from ingest.models import Embedding, Span
+from ingest.services.embeddings import embed_texts, embeddings_compute
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROMPTS = {
+    "refund-1": ("support", "gpt-4o", "I want a refund for my late order"),
+    "refund-2": ("support", "claude-sonnet-4", "Please give me my money back, the parcel arrived two weeks late"),
+    "weather": ("search", "gpt-4o", "What will the weather be like in Paris tomorrow?"),
+    "python": ("coding", "gpt-4o", "How do I reverse a list in Python?"),
+    "sql": ("coding", "claude-sonnet-4", "Write a SQL query that counts orders per customer"),
+    "poem": ("creative", "gpt-4o", "Write a short poem about the sea at night"),
+}
+
+
+def test_embeddings_are_384_d_unit_vectors_and_meaningful():
+    a, b, c = embed_texts(["refund my order", "I want my money back", "the weather in Paris"])
+    assert len(a) == 384
+    assert math.isclose(sum(x * x for x in a), 1.0, rel_tol=1e-3)
+    cos = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    assert cos(a, b) > cos(a, c) + 0.1
+
+
+@pytest.fixture
+def indexed(api, project):
+    project.sampling_rate = 100  # every span sampled
+    project.save()
+    now = datetime.now(timezone.utc)
+    spans = [{"span_id": sid, "service_name": service, "model": model, "prompt": text,
+              "timestamp_utc": (now - timedelta(hours=i + 1)).isoformat()}
+             for i, (sid, (service, model, text)) in enumerate(PROMPTS.items())]
+    spans.append({"span_id": "refund-1-again", "service_name": "support", "model": "gpt-4o",
+                  "prompt": PROMPTS["refund-1"][2], "timestamp_utc": now.isoformat()})
+    spans.append({"span_id": "pii", "prompt": "my email is a@b.io", "timestamp_utc": now.isoformat()})
+    assert api.post("/v1/spans", spans).status_code == 202
+    keys = list(Span.objects.filter(prompt_hash__isnull=False).values_list("prompt_hash", flat=True))
+    made = embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=1), end=now)
+    assert made == len(PROMPTS)  # the repeated prompt is embedded once, the PII one never
+    assert Embedding.objects.count() == len(PROMPTS)
+    return api
+
+
+def ids(response):
+    assert response.status_code == 200, response.content
+    return [item["span_id"] for item in response.json()["items"]]
+
+
+def test_search_by_text_orders_by_meaning(indexed):
+    response = indexed.post("/v1/search/similar", {"text": "refund for a delayed delivery", "k": 3})
+    found = ids(response)
+    assert set(found[:2]) == {"refund-1-again", "refund-2"}  # latest span of the repeated prompt
+    scores = [item["score"] for item in response.json()["items"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.4
+
+
+def test_search_filters_and_k(indexed):
+    assert ids(indexed.post("/v1/search/similar", {"text": "money back", "k": 10, "service": "coding"})) \
+        and set(ids(indexed.post("/v1/search/similar", {"text": "money back", "k": 10, "service": "coding"}))) == {"python", "sql"}
+    assert ids(indexed.post("/v1/search/similar", {"text": "refund", "k": 10, "model": "claude-sonnet-4"}))[0] == "refund-2"
+    assert len(ids(indexed.post("/v1/search/similar", {"text": "anything", "k": 2}))) == 2
+    now = datetime.now(timezone.utc)
+    recent = ids(indexed.post("/v1/search/similar", {"text": "refund", "k": 10,
+                                                     "from": (now - timedelta(minutes=30)).isoformat()}))
+    assert recent == ["refund-1-again"]
+
+
+def test_filtered_hnsw_search_still_returns_k(indexed, settings):
+    settings.SEARCH_EXACT_BELOW = 0  # force the HNSW path with a selective filter
+    found = ids(indexed.post("/v1/search/similar", {"text": "sea poem", "k": 2, "service": "coding"}))
+    assert sorted(found) == ["python", "sql"]
+
+
+def test_search_by_span_excludes_its_own_prompt(indexed):
+    found = ids(indexed.post("/v1/search/similar", {"span_id": "refund-2", "k": 2}))
+    assert found[0] == "refund-1-again" and "refund-2" not in found
+
+
+def test_search_errors_are_4xx(indexed):
+    assert indexed.post("/v1/search/similar", {"span_id": "pii"}).json()["rule"] == "not_searchable"
+    assert indexed.post("/v1/search/similar", {"span_id": "nope"}).status_code == 404
+    assert indexed.post("/v1/search/similar", {"text": "a", "span_id": "refund-2"}).status_code == 400
+    assert indexed.post("/v1/search/similar", {}).status_code == 400
+    assert indexed.post("/v1/search/similar", {"text": "a", "k": 1000}).status_code == 400
+
+
+def test_other_projects_see_nothing(indexed, db):
+    from ingest.models import Project
+    from ingest.services.api_keys import api_key_create
+
+    _, other_key = api_key_create(project=Project.objects.create(name="other"))
+    indexed.key = other_key
+    assert ids(indexed.post("/v1/search/similar", {"text": "refund"})) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)
+def test_a_real_worker_embeds_committed_spans_once(api, project, settings):
+    project.sampling_rate = 100
+    project.save()
+    db = connection.settings_dict
+    env = {**os.environ, "DATABASE_URL": f"postgresql://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+           "REDIS_URL": settings.REDIS_URL, "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "appliance", "worker", "--concurrency", "1",
+                               "--pool", "solo", "--without-gossip", "--without-mingle", "--loglevel", "WARNING"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        spans = [{"span_id": f"w{i}", "prompt": "How do I reset my password?" if i % 2 else f"unique prompt {i}"}
+                 for i in range(10)]
+        assert api.post("/v1/spans", spans).status_code == 202
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and Embedding.objects.count() < 6:
+            assert worker.poll() is None, worker.stdout.read()
+            time.sleep(0.5)
+        assert Embedding.objects.count() == 6  # 5 unique prompts + the repeated one once
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
