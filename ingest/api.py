@@ -101,6 +101,11 @@ def get_spans(
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = Query(None, max_length=1000),
 ):
+    texts = {"service": service, "model": model, "provider": provider, "status": status, "trace_id": trace_id,
+             "user_id": user_id, "session_id": session_id, "cursor": cursor}
+    bad = next((name for name, value in texts.items() if value and "\x00" in value), None)
+    if bad:
+        return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": bad})
     filters = SpanFilters(start=_utc(start), end=_utc(end), service=service, model=model, provider=provider,
                           status=status, trace_id=trace_id, user_id=user_id, session_id=session_id)
     try:
@@ -112,6 +117,8 @@ def get_spans(
 
 @router.get("/traces/{trace_id}", response={200: TraceOut, 404: ErrorOut}, summary="One trace as a span tree")
 def get_trace(request, trace_id: str):
+    if "\x00" in trace_id:
+        return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": "trace_id"})
     trace = trace_get(project_id=request.auth.project.id, trace_id=trace_id)
     if trace is None:
         return Status(404, {"error": "no spans of this trace in your project", "rule": "not_found", "field": "trace_id"})

@@ -44,6 +44,8 @@ def _utc(value: datetime | None) -> datetime | None:
 @router.post("/search/similar", response={200: SimilarOut, 400: ErrorOut, 404: ErrorOut},
              summary="Spans whose prompts are nearest in meaning (sampled, PII-free prompts only)")
 def post_similar(request, body: SimilarIn):
+    if any(v and "\x00" in v for v in (body.text, body.span_id, body.service, body.model, body.provider)):
+        return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": None})
     filters = SpanFilters(start=_utc(body.start), end=_utc(body.end), service=body.service, model=body.model,
                           provider=body.provider)
     try:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
 from ingest.selectors.spans import SPAN_FIELDS, SpanFilters
 
+_JSON_FIELDS = ("attempted_models", "matched_patterns", "metadata")
 _FILTER_COLUMNS = (("service", "service_name"), ("model", "model"), ("provider", "provider"))
 
 
@@ -109,6 +111,11 @@ def similar_spans(*, project_id: int, vector: list[float], k: int, filters: Span
             [project_id, [n.content_key for n in neighbours], *params],
         )
         rows = [dict(zip(SPAN_FIELDS, row)) for row in cur.fetchall()]
+    for row in rows:
+        # Django's psycopg setup hands jsonb back as text on raw cursors.
+        for name in _JSON_FIELDS:
+            if isinstance(row[name], str):
+                row[name] = orjson.loads(row[name])
     by_key = {row["prompt_hash"]: row for row in rows}
     items = []
     for n in neighbours:

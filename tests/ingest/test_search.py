@@ -41,7 +41,7 @@ def indexed(api, project):
     project.sampling_rate = 100  # every span sampled
     project.save()
     now = datetime.now(timezone.utc)
-    spans = [{"span_id": sid, "service_name": service, "model": model, "prompt": text,
+    spans = [{"span_id": sid, "service_name": service, "model": model, "prompt": text, "metadata": {"n": 1},
               "timestamp_utc": (now - timedelta(hours=i + 1)).isoformat()}
              for i, (sid, (service, model, text)) in enumerate(PROMPTS.items())]
     spans.append({"span_id": "refund-1-again", "service_name": "support", "model": "gpt-4o",
@@ -66,6 +66,7 @@ def test_search_by_text_orders_by_meaning(indexed):
     assert set(found[:2]) == {"refund-1-again", "refund-2"}  # latest span of the repeated prompt
     scores = [item["score"] for item in response.json()["items"]]
     assert scores == sorted(scores, reverse=True) and scores[0] > 0.4
+    assert response.json()["items"][0]["metadata"] == {"n": 1}
 
 
 def test_search_filters_and_k(indexed):
@@ -96,6 +97,8 @@ def test_search_errors_are_4xx(indexed):
     assert indexed.post("/v1/search/similar", {"text": "a", "span_id": "refund-2"}).status_code == 400
     assert indexed.post("/v1/search/similar", {}).status_code == 400
     assert indexed.post("/v1/search/similar", {"text": "a", "k": 1000}).status_code == 400
+    assert indexed.post("/v1/search/similar", {"text": "a", "service": "x\x00"}).status_code == 400
+    assert indexed.get("/v1/spans", {"service": "a\x00b"}).status_code == 400
 
 
 def test_other_projects_see_nothing(indexed, db):
