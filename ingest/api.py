@@ -54,9 +54,15 @@ _SPANS_BODY = {
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """Aware UTC (PostgreSQL refuses some offsets Python accepts); out of range -> ValueError."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
 
 
 @router.post(
@@ -106,7 +112,11 @@ def get_spans(
     bad = next((name for name, value in texts.items() if value and "\x00" in value), None)
     if bad:
         return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": bad})
-    filters = SpanFilters(start=_utc(start), end=_utc(end), service=service, model=model, provider=provider,
+    try:
+        start, end = _utc(start), _utc(end)
+    except ValueError as exc:
+        return Status(400, {"error": str(exc), "rule": "invalid_value", "field": "from"})
+    filters = SpanFilters(start=start, end=end, service=service, model=model, provider=provider,
                           status=status, trace_id=trace_id, user_id=user_id, session_id=session_id)
     try:
         items, next_cursor = span_list(project_id=request.auth.project.id, filters=filters, limit=limit, cursor=cursor)

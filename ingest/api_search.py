@@ -38,7 +38,15 @@ class SimilarOut(Schema):
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    return value.replace(tzinfo=timezone.utc) if value is not None and value.tzinfo is None else value
+    """Aware UTC (PostgreSQL refuses some offsets Python accepts); out of range -> ValueError."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
 
 
 @router.post("/search/similar", response={200: SimilarOut, 400: ErrorOut, 404: ErrorOut},
@@ -46,8 +54,11 @@ def _utc(value: datetime | None) -> datetime | None:
 def post_similar(request, body: SimilarIn):
     if any(v and "\x00" in v for v in (body.text, body.span_id, body.service, body.model, body.provider)):
         return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": None})
-    filters = SpanFilters(start=_utc(body.start), end=_utc(body.end), service=body.service, model=body.model,
-                          provider=body.provider)
+    try:
+        start, end = _utc(body.start), _utc(body.end)
+    except ValueError as exc:
+        return Status(400, {"error": str(exc), "rule": "invalid_value", "field": "from"})
+    filters = SpanFilters(start=start, end=end, service=body.service, model=body.model, provider=body.provider)
     try:
         items = search_similar(project_id=request.auth.project.id, text=body.text, span_id=body.span_id,
                                k=body.k, filters=filters)

@@ -111,7 +111,10 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
             result.rejected.append(_rejection_from(index, raw, exc))
             continue
         ts = span.timestamp_utc or received_at
-        ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+        try:
+            ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+        except OverflowError:
+            ts = datetime.min.replace(tzinfo=timezone.utc)  # rejected as too old just below
         if ts > newest:
             result.rejected.append(Rejection(index, span.span_id, "timestamp_in_future", "timestamp_utc",
                                              f"more than {FUTURE_TOLERANCE} after the server's clock"))

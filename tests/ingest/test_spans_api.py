@@ -207,6 +207,7 @@ def test_spans_beyond_retention_or_far_future_are_rejected_with_reason(api, sett
         span(span_id="ancient", timestamp_utc=(now - timedelta(days=settings.RETENTION_DAYS + 2)).isoformat()),
         span(span_id="next-week", timestamp_utc=(now + timedelta(days=7)).isoformat()),
         span(span_id="fine"),
+        span(span_id="year-one", timestamp_utc="0001-01-01T00:00:00+10:00"),
     ])
     body = response.json()
     assert response.status_code == 202 and body["accepted"] == 1
@@ -249,6 +250,9 @@ def test_filters_and_cursor_pagination(api):
     bad = api.get("/v1/spans", {"from": "yesterday"})
     assert bad.status_code == 400 and bad.json()["field"] == "from"
     assert api.get("/v1/spans", {"limit": 5000}).status_code == 400
+    odd_offset = api.get("/v1/spans", {"from": "0089-08-05T05:21:39+19:25"})
+    assert odd_offset.status_code == 200  # normalised to UTC before PostgreSQL sees it
+    assert api.get("/v1/spans", {"from": "0001-01-01T00:00:00+10:00"}).status_code == 400
 
 
 def test_trace_is_returned_as_a_tree(api):
