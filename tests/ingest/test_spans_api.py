@@ -290,3 +290,8 @@ def test_openapi_docs_are_served(client, db):
     assert "/v1/spans" in schema["paths"]
     assert "post" in schema["paths"]["/v1/spans"] and "get" in schema["paths"]["/v1/spans"]
     assert client.get("/api/docs").status_code == 200
+def test_big_numbers_in_metadata_read_back(api):
+    assert api.post("/v1/spans", raw=b'{"span_id": "big", "metadata": {"x": 1e308, "y": -1e300}}').status_code == 202
+    got = api.get("/v1/spans")
+    assert got.status_code == 200
+    assert got.json()["items"][0]["metadata"]["x"] == 10**308
