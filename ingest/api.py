@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from ninja import Query, Router, Status
 
 from ingest.auth import API_KEY_AUTH
 from ingest.bodies import BodyError, read_json_spans
 from ingest.schemas import SpanIn, ErrorOut, IngestAccepted, SpanPage, TraceOut
-from ingest.selectors.spans import BadCursor, SpanFilters, span_list, trace_get
+from ingest.selectors.spans import BadCursor, SpanFilters, as_utc, span_list, trace_get
 from ingest.services.spans import spans_ingest
 
 router = Router(tags=["spans"], auth=API_KEY_AUTH)
@@ -51,18 +51,6 @@ _SPANS_BODY = {
         },
     }
 }
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """Aware UTC (PostgreSQL refuses some offsets Python accepts); out of range -> ValueError."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    try:
-        return value.astimezone(timezone.utc)
-    except OverflowError:
-        raise ValueError("timestamp out of range") from None
 
 
 @router.post(
@@ -113,7 +101,7 @@ def get_spans(
     if bad:
         return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": bad})
     try:
-        start, end = _utc(start), _utc(end)
+        start, end = as_utc(start), as_utc(end)
     except ValueError as exc:
         return Status(400, {"error": str(exc), "rule": "invalid_value", "field": "from"})
     filters = SpanFilters(start=start, end=end, service=service, model=model, provider=provider,

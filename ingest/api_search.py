@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from ninja import Router, Schema, Status
 from pydantic import Field
@@ -10,7 +10,7 @@ from pydantic import Field
 from ingest.auth import API_KEY_AUTH
 from ingest.schemas import ErrorOut, SpanOut
 from ingest.selectors.search import SearchError, search_similar
-from ingest.selectors.spans import SpanFilters
+from ingest.selectors.spans import SpanFilters, as_utc
 
 router = Router(tags=["search"], auth=API_KEY_AUTH)
 
@@ -37,25 +37,13 @@ class SimilarOut(Schema):
     items: list[SimilarItem]
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    """Aware UTC (PostgreSQL refuses some offsets Python accepts); out of range -> ValueError."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    try:
-        return value.astimezone(timezone.utc)
-    except OverflowError:
-        raise ValueError("timestamp out of range") from None
-
-
 @router.post("/search/similar", response={200: SimilarOut, 400: ErrorOut, 404: ErrorOut},
              summary="Spans whose prompts are nearest in meaning (sampled, PII-free prompts only)")
 def post_similar(request, body: SimilarIn):
     if any(v and "\x00" in v for v in (body.text, body.span_id, body.service, body.model, body.provider)):
         return Status(400, {"error": "NUL characters are not allowed", "rule": "invalid_value", "field": None})
     try:
-        start, end = _utc(body.start), _utc(body.end)
+        start, end = as_utc(body.start), as_utc(body.end)
     except ValueError as exc:
         return Status(400, {"error": str(exc), "rule": "invalid_value", "field": "from"})
     filters = SpanFilters(start=start, end=end, service=body.service, model=body.model, provider=body.provider)

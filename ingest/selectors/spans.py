@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 import orjson
 from django.db.models import Q
@@ -19,6 +19,18 @@ SPAN_FIELDS = (
     "retry_count", "attempted_models", "pii_detected", "injection_attempt", "matched_patterns", "scan_status",
     "prompt", "response", "prompt_hash", "error_type", "error_message", "metadata", "received_at",
 )
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Aware UTC (PostgreSQL refuses some offsets Python accepts); out of range -> ValueError."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("timestamp out of range") from None
 
 
 class BadCursor(ValueError):

@@ -10,13 +10,10 @@ next span everywhere without a restart.
 from __future__ import annotations
 
 import re
-import threading
-import time
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from django.conf import settings
-from django.db import connection
+from ingest.services.refresh import TableCache
 
 PROVIDER_ALIASES = {
     "openai": "openai",
@@ -165,43 +162,23 @@ class PriceTable:
         return Cost(int(total.quantize(Decimal(1), rounding=ROUND_HALF_UP)), price.version, price.provider)
 
 
-_lock = threading.Lock()
-_state: dict = {"table": None, "signature": None, "checked": 0.0}
+def _build() -> PriceTable:
+    from ingest.models import ModelPrice
+
+    return PriceTable([
+        Price(r.provider, r.model, r.input_price_per_1m, r.output_price_per_1m, r.cached_input_price_per_1m, r.version)
+        for r in ModelPrice.objects.all()
+    ])
 
 
-def _signature() -> tuple:
-    with connection.cursor() as cur:
-        # A digest of every row: catches edits that bypass updated_at (bulk updates, psql).
-        cur.execute(
-            "SELECT count(*), md5(coalesce(string_agg(p::text, '|' ORDER BY p.id), '')) FROM ingest_modelprice p"
-        )
-        return tuple(cur.fetchone())
+_cache = TableCache("ingest_modelprice", _build)
 
 
 def price_table() -> PriceTable:
     """The current table, re-read when the ModelPrice rows changed."""
-    now = time.monotonic()
-    if _state["table"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
-        return _state["table"]
-    with _lock:
-        if _state["table"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
-            return _state["table"]
-        signature = _signature()
-        if _state["table"] is None or signature != _state["signature"]:
-            from ingest.models import ModelPrice
-
-            rows = ModelPrice.objects.all()
-            _state["table"] = PriceTable([
-                Price(r.provider, r.model, r.input_price_per_1m, r.output_price_per_1m,
-                      r.cached_input_price_per_1m, r.version)
-                for r in rows
-            ])
-            _state["signature"] = signature
-        _state["checked"] = time.monotonic()
-        return _state["table"]
+    return _cache.get()
 
 
 def price_table_reset() -> None:
     """Forget the cached table (tests, and after a bulk load in this process)."""
-    with _lock:
-        _state.update(table=None, signature=None, checked=0.0)
+    _cache.reset()

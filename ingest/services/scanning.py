@@ -8,26 +8,14 @@ CONFIG_REFRESH_SECONDS of an admin edit (a digest of the table is checked).
 from __future__ import annotations
 
 import logging
-import threading
-import time
 
-from django.conf import settings
-from django.db import connection
 from instrumentation_sdk.scanning import PatternSpec, ScanResult, Scanner, default_patterns
+
+from ingest.services.refresh import TableCache
 
 log = logging.getLogger(__name__)
 
 SCANNED_FIELDS = ("prompt", "response", "error_message")
-_lock = threading.Lock()
-_state: dict = {"scanner": None, "signature": None, "checked": 0.0}
-
-
-def _signature() -> tuple:
-    with connection.cursor() as cur:
-        cur.execute(
-            "SELECT count(*), md5(coalesce(string_agg(p::text, '|' ORDER BY p.id), '')) FROM ingest_detectionpattern p"
-        )
-        return tuple(cur.fetchone())
 
 
 def _build() -> Scanner:
@@ -45,29 +33,15 @@ def _build() -> Scanner:
     return Scanner(specs)
 
 
+_cache = TableCache("ingest_detectionpattern", _build)
+
+
 def scanner() -> Scanner:
-    now = time.monotonic()
-    if _state["scanner"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
-        return _state["scanner"]
-    with _lock:
-        if _state["scanner"] is not None and now - _state["checked"] < settings.CONFIG_REFRESH_SECONDS:
-            return _state["scanner"]
-        signature = _signature()
-        if _state["scanner"] is None or signature != _state["signature"]:
-            try:
-                _state["scanner"] = _build()
-            except Exception:  # a bad row (e.g. edited by SQL) must not stop ingestion
-                log.exception("rebuilding the scanner failed; keeping the previous one")
-                if _state["scanner"] is None:
-                    raise
-            _state["signature"] = signature
-        _state["checked"] = time.monotonic()
-        return _state["scanner"]
+    return _cache.get()
 
 
 def scanner_reset() -> None:
-    with _lock:
-        _state.update(scanner=None, signature=None, checked=0.0)
+    _cache.reset()
 
 
 def scan_text(text: str) -> ScanResult:
