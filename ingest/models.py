@@ -5,6 +5,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.contrib.postgres.fields import ArrayField
 from django.db import models
 from django.utils import timezone
 from pgvector.django import HnswIndex, VectorField
@@ -24,7 +25,6 @@ class Project(models.Model):
         max_length=16, choices=Redaction.choices, default=Redaction.PLACEHOLDER,
         help_text="what happens to a prompt or response in which PII was found",
     )
-    redaction_mode = models.CharField(max_length=16, choices=Redaction.choices, default=Redaction.PLACEHOLDER)
     retention_days = models.PositiveIntegerField(null=True, blank=True, help_text="empty = RETENTION_DAYS")
 
     class Meta:
@@ -34,8 +34,13 @@ class Project(models.Model):
         return self.name
 
     def clean(self) -> None:
+        errors = {}
         if self.sampling_rate is not None and not 0 <= self.sampling_rate <= 100:
-            raise ValidationError({"sampling_rate": "must be between 0 and 100"})
+            errors["sampling_rate"] = "must be between 0 and 100"
+        if self.retention_days is not None and not 1 <= self.retention_days <= settings.RETENTION_DAYS:
+            errors["retention_days"] = f"must be between 1 and RETENTION_DAYS ({settings.RETENTION_DAYS})"
+        if errors:
+            raise ValidationError(errors)
 
 
 class ApiKey(models.Model):
@@ -239,3 +244,59 @@ class Embedding(models.Model):
             HnswIndex(name="ingest_embedding_hnsw", fields=["embedding"], m=16, ef_construction=64,
                       opclasses=["vector_cosine_ops"]),
         ]
+
+
+class SpanRollup(models.Model):
+    """Hourly sums of spans per service/model/provider, written in the ingest transaction.
+
+    `shard` spreads concurrent writers of the same hour over a few rows, so ingest
+    batches do not queue behind each other's row locks; readers sum over it.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()
+    service_name = models.CharField(max_length=200, default="")
+    model = models.CharField(max_length=200, default="")
+    provider = models.CharField(max_length=64, default="")
+    shard = models.SmallIntegerField(default=0)
+    spans = models.BigIntegerField(default=0)
+    errors = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    cost_usd_micro = models.BigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+    latency_count = models.BigIntegerField(default=0)
+    pii = models.BigIntegerField(default=0)
+    injections = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(
+            fields=["project", "hour", "service_name", "model", "provider", "shard"], name="spanrollup_key")]
+
+
+class LatencyRollup(models.Model):
+    """Hourly latency and TTFT histograms (log buckets, see services/rollups.py) of a project."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()
+    shard = models.SmallIntegerField(default=0)
+    latency = ArrayField(models.BigIntegerField())
+    ttft = ArrayField(models.BigIntegerField())
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "hour", "shard"], name="latencyrollup_key")]
+
+
+class UserRollup(models.Model):
+    """Daily spans and cost per end user (top users by cost)."""
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    user_id = models.CharField(max_length=200)
+    spans = models.BigIntegerField(default=0)
+    cost_usd_micro = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "day", "user_id"], name="userrollup_key")]

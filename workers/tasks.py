@@ -8,15 +8,17 @@ from celery import shared_task
 from django.conf import settings
 
 from ingest.services.embeddings import embeddings_backfill, embeddings_compute
-from ingest.services.partitions import partitions_create_ahead, partitions_drop_expired
+from ingest.services.partitions import partitions_create_ahead
+from ingest.services.retention import retention_apply
 from workers import heartbeat  # noqa: F401 - registers the worker heartbeat signal
 
 
 @shared_task(name="maintenance.partitions", ignore_result=True)
 def maintain_partitions() -> dict:
     created = partitions_create_ahead(days_ahead=settings.PARTITIONS_AHEAD_DAYS)
-    dropped = partitions_drop_expired(retention_days=settings.RETENTION_DAYS)
-    return {"created": [d.isoformat() for d in created], "dropped": [d.isoformat() for d in dropped]}
+    applied = retention_apply()
+    return {"created": [d.isoformat() for d in created], "dropped": [d.isoformat() for d in applied["dropped"]],
+            "trimmed": applied["trimmed"]}
 
 
 @shared_task(

@@ -20,6 +20,7 @@ from ingest.schemas import SpanIn
 from ingest.services.embeddings import embeddings_enqueue
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
+from ingest.services.rollups import rollups_add
 from ingest.services.sampling import should_sample
 from ingest.services.scanning import scan_row
 
@@ -222,6 +223,8 @@ def _copy_and_insert(rows: list[dict]) -> int:
             with cur.copy(_COPY_SQL) as copy:
                 for row in new_rows:
                     copy.write_row(copy_values(row))
+            # The console's hourly sums count exactly what this transaction inserted.
+            rollups_add(cur, new_rows)
             # Embeddings are computed by workers, only for what was really committed.
             transaction.on_commit(lambda: embeddings_enqueue(rows=new_rows))
         return len(new_rows)
