@@ -14,7 +14,16 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PY) -m pip install --quiet -e ./sdk -e '.[test]'
 	@touch $(STAMP)
 
-install: $(STAMP)
+# The console's chart library, from npm (package-lock.json pins it), served by the appliance itself.
+VENDOR := console/static/console/vendor/chart.umd.min.js
+$(VENDOR): console/frontend/package.json console/frontend/package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node.js) is needed once, to fetch the console's chart library"; exit 1; }
+	cd console/frontend && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	mkdir -p console/static/console/vendor
+	cp console/frontend/node_modules/chart.js/dist/chart.umd.min.js $(VENDOR)
+	cp console/frontend/node_modules/chart.js/LICENSE.md console/static/console/vendor/chart.js.LICENSE.md
+
+install: $(STAMP) $(VENDOR)
 
 ## Bring the appliance up on http://127.0.0.1:8000 with embedded PostgreSQL and Valkey (data in ./.data).
 run: install

@@ -1,14 +1,219 @@
-"""Console pages: presentation only, data comes from ingest selectors."""
+"""Console pages: presentation only. Reads go through ingest selectors, writes through ingest services.
 
+Every page needs a login; a project the user is not a member of is a 404 (staff see all).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from urllib.parse import urlencode
+
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.core.exceptions import ValidationError
+from django.http import Http404
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_POST
 
-from ingest.selectors.projects import project_summaries
+from console.forms import (ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm, RangeForm,
+                           SimilarForm)
+from ingest.selectors.overview import overview_get
+from ingest.selectors.projects import project_for_user, project_keys, project_summaries, projects_for_user
+from ingest.selectors.search import SearchError, search_similar
+from ingest.selectors.security import security_overview
+from ingest.selectors.spans import SpanFilters, span_explore, span_facets, span_get, trace_get
+from ingest.services.api_keys import api_key_create, api_key_revoke
+from ingest.services.projects import project_create, project_update_settings
+
+# Where a raw key is kept between the POST that made it and the page that shows it once.
+_NEW_KEY = "console_new_key"
+
+
+def _project(request, name: str):
+    project = project_for_user(user=request.user, name=name)
+    if project is None:
+        raise Http404("no such project")
+    return project
+
+
+def _context(request, project, **extra) -> dict:
+    return {"project": project, "projects": projects_for_user(user=request.user),
+            "base_url": request.build_absolute_uri("/").rstrip("/"), **extra}
+
+
+def _range_query(form: RangeForm) -> str:
+    if not form.is_valid():
+        return ""
+    keep = {k: form.data[k] for k in ("range", "start", "end") if form.data.get(k)}
+    return urlencode(keep)
 
 
 @login_required
 def home(request):
-    return render(request, "console/home.html", {
-        "projects": project_summaries(user=request.user),
-        "base_url": request.build_absolute_uri("/").rstrip("/"),
-    })
+    projects = project_summaries(user=request.user)
+    if len(projects) == 1:
+        return redirect("console:overview", project=projects[0]["project"].name)
+    return render(request, "console/home.html", {"summaries": projects, "projects": [p["project"] for p in projects],
+                                                 "create_form": ProjectCreateForm()})
+
+
+@login_required
+def overview(request, project: str):
+    project = _project(request, project)
+    form = RangeForm(request.GET)
+    start, end = form.window()
+    data = overview_get(project_id=project.id, start=start, end=end)
+    return render(request, "console/overview.html", _context(
+        request, project, form=form, range_key=form.range_key(), range_query=_range_query(form), data=data,
+        start=start, end=end, keys=project_keys(project=project) if not data["totals"]["spans"] else None))
+
+
+@login_required
+def explorer(request, project: str):
+    project = _project(request, project)
+    form = ExplorerForm(request.GET)
+    start, end = form.window()
+    data = form.cleaned_data if form.is_valid() else {}
+    filters = SpanFilters(start=start, end=end, service=data.get("service"), model=data.get("model"),
+                          provider=data.get("provider"), status=data.get("status") or None,
+                          trace_id=data.get("trace"), user_id=data.get("user"), session_id=data.get("session"),
+                          flag=data.get("flag") or None, text=data.get("q"))
+    sort = data.get("sort") or "time"
+    page = span_explore(project_id=project.id, filters=filters, sort=sort, page=data.get("page") or 1)
+    params = {k: v for k, v in request.GET.items() if k != "page" and v}
+    return render(request, "console/explorer.html", _context(
+        request, project, form=form, page=page, sort=sort, range_key=form.range_key(),
+        facets=span_facets(project_id=project.id, since=timezone.now() - timedelta(days=30)),
+        query_without_page=urlencode(params),
+        query_without_sort=urlencode({k: v for k, v in params.items() if k != "sort"})))
+
+
+@login_required
+def span_detail(request, project: str, span_id: str):
+    project = _project(request, project)
+    span = span_get(project_id=project.id, span_id=span_id)
+    if span is None:
+        raise Http404("no such span")
+    url = reverse("console:trace", kwargs={"project": project.name, "trace_id": span["trace_id"]})
+    return redirect(f"{url}?{urlencode({'span': span_id})}")
+
+
+def _flatten(nodes, depth=0, out=None):
+    out = [] if out is None else out
+    for node in nodes:
+        out.append((depth, node))
+        _flatten(node["children"], depth + 1, out)
+    return out
+
+
+@login_required
+def trace(request, project: str, trace_id: str):
+    project = _project(request, project)
+    tree = trace_get(project_id=project.id, trace_id=trace_id)
+    if tree is None:
+        raise Http404("no such trace")
+    rows = _flatten(tree["roots"])
+    begin = min(node["timestamp_utc"] for _, node in rows)
+    finish = max(node["timestamp_utc"] + timedelta(milliseconds=node["latency_ms_total"] or 0) for _, node in rows)
+    total_ms = max((finish - begin).total_seconds() * 1000, 1.0)
+    spans = []
+    for depth, node in rows:
+        offset = (node["timestamp_utc"] - begin).total_seconds() * 1000
+        spans.append({**node, "depth": depth, "indent": depth * 1.2,
+                      "bar_left": 100 * offset / total_ms,
+                      "bar_width": max(100 * (node["latency_ms_total"] or 0) / total_ms, 0.5)})
+    selected_id = request.GET.get("span") or spans[0]["span_id"]
+    selected = next((s for s in spans if s["span_id"] == selected_id), spans[0])
+    return render(request, "console/trace.html", _context(
+        request, project, trace_id=trace_id, spans=spans, selected=selected, total_ms=total_ms, begin=begin))
+
+
+@login_required
+def security(request, project: str):
+    project = _project(request, project)
+    form = RangeForm(request.GET)
+    start, end = form.window()
+    data = security_overview(project_id=project.id, start=start, end=end)
+    recent = span_explore(project_id=project.id, filters=SpanFilters(start=start, end=end, flag="flagged"),
+                          per_page=25)
+    return render(request, "console/security.html", _context(
+        request, project, form=form, range_key=form.range_key(), range_query=_range_query(form), data=data,
+        recent=recent))
+
+
+@login_required
+def similar(request, project: str):
+    project = _project(request, project)
+    form = SimilarForm(request.GET or None)
+    items, error = None, None
+    if form.is_bound and form.is_valid() and (form.cleaned_data.get("text") or form.cleaned_data.get("span")):
+        start, end = form.window() if (form.cleaned_data.get("range") or form.cleaned_data.get("start")) else (None, None)
+        filters = SpanFilters(start=start, end=end, service=form.cleaned_data.get("service"))
+        try:
+            items = search_similar(project_id=project.id, text=form.cleaned_data.get("text"),
+                                   span_id=form.cleaned_data.get("span"), k=form.cleaned_data.get("k") or 10,
+                                   filters=filters)
+        except SearchError as exc:
+            error = exc.message
+    return render(request, "console/similar.html", _context(request, project, form=form, items=items, error=error))
+
+
+@login_required
+def settings_page(request, project: str):
+    project = _project(request, project)
+    form = ProjectSettingsForm(instance=project)
+    if request.method == "POST":
+        form = ProjectSettingsForm(request.POST, instance=project)
+        if form.is_valid():
+            try:
+                project_update_settings(project=project, **{k: form.cleaned_data[k] for k in form.Meta.fields})
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(request, "Settings saved. Ingestion uses them within seconds.")
+                return redirect("console:settings", project=project.name)
+    new_key = request.session.pop(_NEW_KEY, None)
+    if new_key and new_key.get("project") != project.id:
+        new_key = None
+    return render(request, "console/settings.html", _context(
+        request, project, form=form, keys=project_keys(project=project), key_form=KeyCreateForm(),
+        new_key=new_key and new_key["key"]))
+
+
+@login_required
+@require_POST
+def key_create(request, project: str):
+    project = _project(request, project)
+    form = KeyCreateForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "A key needs a name of at most 100 characters.")
+        return redirect("console:settings", project=project.name)
+    _, raw_key = api_key_create(project=project, name=form.cleaned_data["name"])
+    # Shown once, on the next page view; the session (signed, server-side) carries it there.
+    request.session[_NEW_KEY] = {"project": project.id, "key": raw_key}
+    return redirect("console:settings", project=project.name)
+
+
+@login_required
+@require_POST
+def key_revoke(request, project: str, key_id: int):
+    project = _project(request, project)
+    api_key = project.api_keys.filter(pk=key_id).first()
+    if api_key is None:
+        raise Http404("no such key")
+    api_key_revoke(api_key=api_key)
+    messages.success(request, f"Key {api_key.prefix}… revoked: it is refused from now on.")
+    return redirect("console:settings", project=project.name)
+
+
+@login_required
+def project_new(request):
+    form = ProjectCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        project = project_create(name=form.cleaned_data["name"], owner=request.user)
+        messages.success(request, f"Project {project.name} created. Make a key to send spans to it.")
+        return redirect("console:settings", project=project.name)
+    return render(request, "console/project_new.html", {"form": form,
+                                                        "projects": projects_for_user(user=request.user)})

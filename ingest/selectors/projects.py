@@ -23,3 +23,12 @@ def project_summaries(*, user) -> list[dict]:
         .values_list("project_id").annotate(n=Count("span_id")).values_list("project_id", "n")
     )
     return [{"project": p, "active_keys": p.active_keys, "spans_24h": counts.get(p.id, 0)} for p in projects]
+
+
+def project_for_user(*, user, name: str) -> Project | None:
+    """The project of that name if the user may see it (staff: any), else None."""
+    return projects_for_user(user=user).filter(name=name).first()
+
+
+def project_keys(*, project: Project) -> list:
+    return list(project.api_keys.order_by("revoked_at", "-created_at"))

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import orjson
-from django.db.models import Q
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce, Substr
 
-from ingest.models import Span
+from ingest.models import Span, SpanKey, SpanRollup
 
 SPAN_FIELDS = (
     "span_id", "trace_id", "parent_span_id", "timestamp_utc", "schema_version", "model", "provider",
@@ -48,6 +49,8 @@ class SpanFilters:
     trace_id: str | None = None
     user_id: str | None = None
     session_id: str | None = None
+    flag: str | None = None  # console only: "pii", "injection" or "flagged"
+    text: str | None = None  # console only: a substring of the prompt (case-insensitive)
 
 
 def encode_cursor(timestamp: datetime, span_id: str) -> str:
@@ -63,8 +66,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise BadCursor("cursor is not one this API returned") from exc
 
 
-def span_list(*, project_id: int, filters: SpanFilters, limit: int, cursor: str | None = None) -> tuple[list[dict], str | None]:
-    """Newest first; keyset pagination on (timestamp_utc, span_id)."""
+_FLAGS = {
+    "pii": Q(pii_detected=True),
+    "injection": Q(injection_attempt=True),
+    "flagged": Q(pii_detected=True) | Q(injection_attempt=True),
+}
+FLAG_CHOICES = tuple(_FLAGS)
+
+
+def _filtered(project_id: int, filters: SpanFilters):
     qs = Span.objects.filter(project_id=project_id)
     if filters.start:
         qs = qs.filter(timestamp_utc__gte=filters.start)
@@ -76,6 +86,16 @@ def span_list(*, project_id: int, filters: SpanFilters, limit: int, cursor: str 
         value = getattr(filters, name)
         if value is not None:
             qs = qs.filter(**{column: value})
+    if filters.flag:
+        qs = qs.filter(_FLAGS[filters.flag])
+    if filters.text:
+        qs = qs.filter(prompt__icontains=filters.text)
+    return qs
+
+
+def span_list(*, project_id: int, filters: SpanFilters, limit: int, cursor: str | None = None) -> tuple[list[dict], str | None]:
+    """Newest first; keyset pagination on (timestamp_utc, span_id)."""
+    qs = _filtered(project_id, filters)
     if cursor:
         ts, span_id = decode_cursor(cursor)
         qs = qs.filter(Q(timestamp_utc__lt=ts) | Q(timestamp_utc=ts, span_id__lt=span_id))
@@ -115,3 +135,43 @@ def trace_get(*, project_id: int, trace_id: str) -> dict | None:
         else:
             roots.append(node)
     return {"trace_id": trace_id, "span_count": len(rows), "roots": roots}
+
+
+# The explorer's columns: everything but the texts, plus the start of the prompt.
+LIST_FIELDS = tuple(f for f in SPAN_FIELDS if f not in {"prompt", "response", "metadata", "error_message"})
+SORTS = {
+    "time": ("-timestamp_utc", "-span_id"),
+    "cost": (F("cost_usd_micro").desc(nulls_last=True), "-timestamp_utc"),
+    "latency": (F("latency_ms_total").desc(nulls_last=True), "-timestamp_utc"),
+    "tokens": (F("total_tokens").desc(nulls_last=True), "-timestamp_utc"),
+}
+
+
+def span_explore(*, project_id: int, filters: SpanFilters, sort: str = "time", page: int = 1,
+                 per_page: int = 50) -> dict:
+    """One page of spans for the console: sorted, with a prompt preview; `has_next` instead of a count."""
+    qs = _filtered(project_id, filters).annotate(
+        prompt_preview=Substr("prompt", 1, 160),
+        total_tokens=Coalesce("prompt_tokens", 0) + Coalesce("completion_tokens", 0),
+    )
+    offset = (page - 1) * per_page
+    rows = list(qs.order_by(*SORTS[sort]).values(*LIST_FIELDS, "prompt_preview", "total_tokens")
+                [offset: offset + per_page + 1])
+    return {"items": rows[:per_page], "has_next": len(rows) > per_page, "page": page}
+
+
+def span_get(*, project_id: int, span_id: str) -> dict | None:
+    """One span by id, found through its key row (so only one partition is read)."""
+    key = SpanKey.objects.filter(project_id=project_id, span_id=span_id).values_list("timestamp_utc", flat=True).first()
+    if key is None:
+        return None
+    return Span.objects.filter(project_id=project_id, timestamp_utc=key, span_id=span_id).values(*SPAN_FIELDS).first()
+
+
+def span_facets(*, project_id: int, since: datetime) -> dict:
+    """Distinct services, models and providers seen since a time (for the filter menus), from the roll-ups."""
+    facets = {}
+    for column in ("service_name", "model", "provider"):
+        facets[column] = [v for v in SpanRollup.objects.filter(project_id=project_id, hour__gte=since)
+                          .exclude(**{column: ""}).values_list(column, flat=True).distinct().order_by(column)[:200]]
+    return facets

@@ -1,0 +1,83 @@
+"""Number formatting and query-string helpers for the console templates."""
+
+from __future__ import annotations
+
+from django import template
+from django.utils.http import urlencode
+
+register = template.Library()
+
+
+@register.filter
+def intcomma_(value) -> str:
+    if value is None:
+        return "–"
+    return f"{int(value):,}"
+
+
+@register.filter
+def usd(value) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    if value == 0:
+        return "$0"
+    if abs(value) < 0.01:
+        return f"${value:.6f}".rstrip("0")
+    return f"${value:,.2f}"
+
+
+@register.filter
+def micro_usd(value) -> str:
+    return "–" if value is None else usd(value / 1e6)
+
+
+@register.filter
+def ms(value) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    if value >= 10_000:
+        return f"{value / 1000:,.1f} s"
+    if value >= 100:
+        return f"{value:,.0f} ms"
+    return f"{value:.1f} ms"
+
+
+@register.filter
+def percent(value) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+@register.filter
+def duration(seconds) -> str:
+    seconds = int(seconds)
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400} day" + ("s" if seconds // 86400 > 1 else "")
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} hour" + ("s" if seconds // 3600 > 1 else "")
+    return f"{seconds // 60} min"
+
+
+@register.simple_tag(takes_context=True)
+def query(context, **changes) -> str:
+    """The current query string with some parameters replaced (None or '' removes them); page is reset."""
+    params = {k: v for k, v in context["request"].GET.items() if k != "page"}
+    for key, value in changes.items():
+        if value in (None, ""):
+            params.pop(key, None)
+        else:
+            params[key] = value
+    return "?" + urlencode(params)
+
+
+@register.filter
+def make_list_words(value: str) -> list[str]:
+    return value.split()
+
+
+@register.filter
+def pretty_json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
