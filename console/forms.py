@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.utils import timezone
 
 from ingest.models import Project
@@ -84,6 +85,13 @@ class ProjectSettingsForm(forms.ModelForm):
     class Meta:
         model = Project
         fields = ["sampling_rate", "redaction_mode", "retention_days"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        days = settings.RETENTION_DAYS
+        self.fields["retention_days"].help_text = f"empty = the appliance's {days} days; 1 to {days}"
+        self.fields["sampling_rate"].help_text = ("percent of spans that get a prompt hash and an embedding "
+                                                  "(similarity search); empty = the default 1 % rule")
 
 
 class KeyCreateForm(forms.Form):

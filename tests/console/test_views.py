@@ -253,3 +253,30 @@ def test_price_edit_changes_the_next_span_cost(db, project):
     price_table_reset()
     second = make_spans(project, 1)[0]
     assert second["cost_usd_micro"] > first["cost_usd_micro"]
+
+
+def test_admin_try_it_helpers(client, db):
+    from django.contrib.auth import get_user_model
+
+    from ingest.models import DetectionPattern
+
+    admin_user = get_user_model().objects.create_superuser("boss", password="y" * 20)
+    client.force_login(admin_user)
+    price = ModelPrice.objects.get(provider="openai", model="gpt-4o")
+    change = client.get(f"/admin/ingest/modelprice/{price.pk}/change/").content.decode()
+    assert "1,000 input and 500 output tokens costs $0.007500" in change
+    tried = client.get(f"/admin/ingest/modelprice/{price.pk}/try/",
+                       {"prompt_tokens": 2_000_000, "completion_tokens": 0, "cached_tokens": 0}).content.decode()
+    assert "$5.000000" in tried
+    email = DetectionPattern.objects.get(name="email")
+    tried = client.get(f"/admin/ingest/detectionpattern/{email.pk}/try/",
+                       {"text": "write to bob@example.org today"}).content.decode()
+    assert "bob@example.org" in tried and "write to [EMAIL] today" in tried
+    bad = client.get(f"/admin/ingest/modelprice/{price.pk}/try/", {"prompt_tokens": "-5", "completion_tokens": "x"})
+    assert bad.status_code == 200 and "errorlist" in bad.content.decode()
+
+
+def test_admin_try_it_needs_staff(logged_in):
+    price = ModelPrice.objects.get(provider="openai", model="gpt-4o")
+    response = logged_in.get(f"/admin/ingest/modelprice/{price.pk}/try/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
