@@ -136,6 +136,8 @@ EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=40
 SEARCH_EF = env_int("SEARCH_EF", 100, minimum=10, maximum=1000)
 # Below this many candidate prompts a filtered search scans them exactly instead of using HNSW.
 SEARCH_EXACT_BELOW = env_int("SEARCH_EXACT_BELOW", 5000, minimum=0)
+# Console pages cancel a span query that runs longer than this (e.g. a prompt substring search over weeks).
+CONSOLE_QUERY_TIMEOUT_MS = env_int("CONSOLE_QUERY_TIMEOUT_MS", 5000, minimum=100, maximum=600_000)
 
 # --- django -------------------------------------------------------------------
 INSTALLED_APPS = [

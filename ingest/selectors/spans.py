@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import orjson
+import psycopg
+from django.conf import settings
+from django.db import OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Substr
 
@@ -149,15 +152,26 @@ SORTS = {
 
 def span_explore(*, project_id: int, filters: SpanFilters, sort: str = "time", page: int = 1,
                  per_page: int = 50) -> dict:
-    """One page of spans for the console: sorted, with a prompt preview; `has_next` instead of a count."""
+    """One page of spans for the console: sorted, with a prompt preview; `has_next` instead of a count.
+
+    A page that needs more than CONSOLE_QUERY_TIMEOUT_MS (a substring search over weeks of
+    prompts, say) is cancelled and answered with timed_out=True rather than holding the database.
+    """
     qs = _filtered(project_id, filters).annotate(
         prompt_preview=Substr("prompt", 1, 160),
         total_tokens=Coalesce("prompt_tokens", 0) + Coalesce("completion_tokens", 0),
     )
     offset = (page - 1) * per_page
-    rows = list(qs.order_by(*SORTS[sort]).values(*LIST_FIELDS, "prompt_preview", "total_tokens")
-                [offset: offset + per_page + 1])
-    return {"items": rows[:per_page], "has_next": len(rows) > per_page, "page": page}
+    try:
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute("SELECT set_config('statement_timeout', %s, true)", [str(settings.CONSOLE_QUERY_TIMEOUT_MS)])
+            rows = list(qs.order_by(*SORTS[sort]).values(*LIST_FIELDS, "prompt_preview", "total_tokens")
+                        [offset: offset + per_page + 1])
+    except OperationalError as exc:
+        if not isinstance(exc.__cause__, psycopg.errors.QueryCanceled):
+            raise
+        return {"items": [], "has_next": False, "page": page, "timed_out": True}
+    return {"items": rows[:per_page], "has_next": len(rows) > per_page, "page": page, "timed_out": False}
 
 
 def span_get(*, project_id: int, span_id: str) -> dict | None:
