@@ -5,7 +5,7 @@ Every page needs a login; a project the user is not a member of is a 404 (staff 
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from django.contrib import messages
@@ -50,6 +50,14 @@ def _range_query(form: RangeForm) -> str:
     return urlencode(keep)
 
 
+def _ranged(request) -> tuple[datetime, datetime, dict]:
+    """The page's time window and what the range picker needs in the template."""
+    form = RangeForm(request.GET)
+    start, end = form.window()
+    return start, end, {"form": form, "range_key": form.range_key(), "range_query": _range_query(form),
+                        "start": start, "end": end}
+
+
 @login_required
 def home(request):
     projects = project_summaries(user=request.user)
@@ -62,12 +70,11 @@ def home(request):
 @login_required
 def overview(request, project: str):
     project = _project(request, project)
-    form = RangeForm(request.GET)
-    start, end = form.window()
+    start, end, picker = _ranged(request)
     data = overview_get(project_id=project.id, start=start, end=end)
     return render(request, "console/overview.html", _context(
-        request, project, form=form, range_key=form.range_key(), range_query=_range_query(form), data=data,
-        start=start, end=end, keys=project_keys(project=project) if not data["totals"]["spans"] else None))
+        request, project, **picker, data=data,
+        keys=project_keys(project=project) if not data["totals"]["spans"] else None))
 
 
 @login_required
@@ -133,14 +140,12 @@ def trace(request, project: str, trace_id: str):
 @login_required
 def security(request, project: str):
     project = _project(request, project)
-    form = RangeForm(request.GET)
-    start, end = form.window()
+    start, end, picker = _ranged(request)
     data = security_overview(project_id=project.id, start=start, end=end)
     recent = span_explore(project_id=project.id, filters=SpanFilters(start=start, end=end, flag="flagged"),
                           per_page=25)
     return render(request, "console/security.html", _context(
-        request, project, form=form, range_key=form.range_key(), range_query=_range_query(form), data=data,
-        recent=recent))
+        request, project, **picker, data=data, recent=recent))
 
 
 @login_required
