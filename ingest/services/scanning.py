@@ -53,6 +53,11 @@ def scan_row(row: dict, *, drop_text: bool) -> None:
     row["pii_detected"] = bool(row.get("pii_detected"))
     row["injection_attempt"] = bool(row.get("injection_attempt"))
     row["matched_patterns"] = None
+    if drop_text and row["pii_detected"]:
+        # The client found PII and already redacted it (the SDK does): nothing is left for our
+        # patterns to find, but a project in drop mode keeps no text of such a span.
+        for name in SCANNED_FIELDS:
+            row[name] = None
     try:
         engine = scanner()
         pii = injection = False

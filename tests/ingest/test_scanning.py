@@ -207,3 +207,16 @@ def test_a_broken_scanner_does_not_fail_ingestion(api, db, settings):
     response = api.post("/v1/spans", {"span_id": "unscanned", "prompt": "hello"})
     assert response.status_code == 202
     assert Span.objects.get(span_id="unscanned").scan_status == "error"
+
+
+def test_drop_mode_drops_texts_a_client_already_redacted(db):
+    from ingest.models import Project
+    from ingest.services.spans import spans_prepare
+
+    project = Project.objects.create(name="dropper", redaction_mode="drop")
+    rows = spans_prepare(project=project, items=[
+        {"span_id": "sdk-redacted", "pii_detected": True, "prompt": "mail [EMAIL] please", "response": "ok"},
+        {"span_id": "clean", "prompt": "what is the weather", "response": "sunny"},
+    ]).rows
+    assert (rows[0]["prompt"], rows[0]["response"], rows[0]["pii_detected"]) == (None, None, True)
+    assert rows[1]["prompt"] == "what is the weather" and not rows[1]["pii_detected"]
