@@ -208,6 +208,15 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     refused = httpx.post(f"{base}/v1/spans", headers={"Authorization": f"Bearer {raw_key}"}, json={"model": "x"})
     assert refused.status_code == 403
 
+    # A new project: its overview tells how to send the first span.
+    page.goto(f"{base}/projects/new/")
+    page.fill("input[name=name]", "brand-new")
+    page.click("main button[type=submit]")
+    page.wait_for_url(re.compile(r"/p/brand-new/settings/"))
+    page.click("nav.tabs >> text=Overview")
+    expect(page.locator("text=Send your first span")).to_be_visible()
+    shot(page, "11-empty-project")
+
     # The overview on a phone.
     phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
     phone.context.add_cookies(page.context.cookies())
