@@ -512,10 +512,7 @@ def _embedder():
     try:
         from ingest.services.embeddings import embed_texts
     except ImportError:
-        try:
-            from workers.enrichment import embed_texts
-        except ImportError:
-            return None
+        return None
     return embed_texts
 
 

@@ -216,7 +216,7 @@ class _QueueCollector:
             import redis
             from django.conf import settings
 
-            from workers.queues import Queue
+            from ingest.queues import Queue
 
             client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
             for queue in Queue:

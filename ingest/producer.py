@@ -21,9 +21,9 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from django.conf import settings
 
+from ingest import kafka_metrics as metrics
 from ingest.contracts import SpanMessageV1
-from workers.consumers import metrics
-from workers.queues import Topic
+from ingest.queues import Topic
 
 log = logging.getLogger(__name__)
 

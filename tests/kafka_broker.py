@@ -77,7 +77,7 @@ class TansuBroker:
     def create_topics(self, partitions: int = 3) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
 
-        from workers.queues import Topic
+        from ingest.queues import Topic
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics([NewTopic(str(Topic.SPANS_RAW), partitions, 1),

@@ -105,7 +105,7 @@ def _consumer_drain(broker, project, batches: list[list[dict]], env: dict, log: 
 
     from ingest.contracts import SpanMessageV1
     from ingest.services.spans import spans_prepare
-    from workers.queues import Topic
+    from ingest.queues import Topic
 
     producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 5, "compression.type": "lz4"})

@@ -16,10 +16,10 @@ from prometheus_client import REGISTRY
 
 from ingest.contracts import SpanMessageV1
 from ingest.models import Project
+from ingest.queues import Topic
 from ingest.services.spans import spans_prepare
 from tests.kafka_broker import SESSION_TIMEOUT_MS, ConsumerProcess, kafka_broker, kafka_mode  # noqa: F401
 from workers.consumers.base import HEADER_REASON
-from workers.queues import Topic
 
 pytestmark = pytest.mark.django_db(transaction=True)
 GROUP = "llm-observe-spans"

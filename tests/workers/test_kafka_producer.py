@@ -6,8 +6,8 @@ import time
 
 from ingest.contracts import SpanMessageV1
 from ingest.models import Span
+from ingest.queues import Topic
 from tests.kafka_broker import kafka_broker, kafka_mode  # noqa: F401 - fixtures
-from workers.queues import Topic
 
 
 def _spans(prefix: str, n: int, **extra) -> list[dict]:

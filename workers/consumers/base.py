@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from django.conf import settings
 
+from ingest import kafka_metrics as metrics
 from ingest.producer import kafka_config, message_max_bytes, topics_ensure
-from workers.consumers import metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the Kafka pipeline (producer in the web process, consumers).
+"""Prometheus metrics of the Kafka pipeline (producer in the web process, consumers in workers).
 
 Plain prometheus_client objects: with PROMETHEUS_MULTIPROC_DIR set, every process
 (gunicorn workers, consumers) writes its own files and /metrics aggregates them.
