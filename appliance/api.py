@@ -94,7 +94,8 @@ def _span_too_large(request, exc):
     return api.create_response(request, {"error": str(exc), "rule": "span_too_large"}, status=413)
 
 
-@api.get("/healthz", response={200: HealthOut, 503: HealthOut}, tags=["health"], summary="Readiness")
+@api.get("/healthz", response={200: HealthOut, 503: HealthOut}, tags=["health"], summary="Readiness",
+         exclude_none=True)
 def healthz(request):
     state = health()
     return Status(200 if state["status"] == "ok" else 503, state)

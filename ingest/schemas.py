@@ -183,5 +183,6 @@ class TraceOut(Schema):
 class HealthOut(Schema):
     status: Literal["ok", "degraded"]
     database: str
-    broker: str
+    broker: str = Field(description="the Celery broker (Redis/Valkey)")
     worker: str
+    kafka: str | None = Field(None, description="the Kafka cluster; only when KAFKA_BOOTSTRAP_SERVERS is set")
