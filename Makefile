@@ -40,6 +40,8 @@ bench: install
 	$(PY) tests/performance/bench_kafka.py
 	$(PY) tests/performance/bench_sdk.py
 	$(PY) tests/performance/bench_otlp.py
+	$(PY) tests/performance/bench_search.py
+	$(PY) tests/performance/bench_console.py
 
 check: install
 	$(PY) manage.py check

@@ -133,7 +133,10 @@ EMBEDDING_MODEL_PATH = env_str("EMBEDDING_MODEL_PATH")  # default: the gt-all-mi
 EMBEDDING_DEVICE = env_choice("EMBEDDING_DEVICE", "auto", ("auto", "cpu", "cuda"))
 EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", ("auto", "fp32", "bf16", "fp16"))
 EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=4096)
-SEARCH_EF = env_int("SEARCH_EF", 100, minimum=10, maximum=1000)
+# hnsw.ef_search of a similarity search (tests/performance/bench_search.py): recall@10 at 100k
+# embeddings 0.95-0.98 with 100 (it varies from one index build to the next), 0.99 with 400; at 1M
+# 0.79 / 0.88, at under 1 ms more. Tight clusters of near-identical prompts need it.
+SEARCH_EF = env_int("SEARCH_EF", 400, minimum=10, maximum=1000)
 # Below this many candidate prompts a filtered search scans them exactly instead of using HNSW.
 SEARCH_EXACT_BELOW = env_int("SEARCH_EXACT_BELOW", 5000, minimum=0)
 # Console pages cancel a span query that runs longer than this (e.g. a prompt substring search over weeks).

@@ -1,10 +1,19 @@
 """Similarity search over the embeddings of sampled prompts, scoped to a project.
 
-Small candidate sets (a narrow filter) are scanned exactly; otherwise the HNSW
-index is walked with pgvector's iterative scan, so a filter that rejects most
-neighbours still yields k results. Django's psycopg cursors bind parameters on
-the client (no server-side prepared statements), so `SET LOCAL hnsw.*` applies;
-a raw psycopg connection would need prepare_threshold=None for the same reason.
+A filter that leaves few candidate prompts is scanned exactly. Otherwise the HNSW
+index is walked with pgvector's iterative scan and each neighbour, nearest first,
+is joined to its latest span matching the filters: a neighbour without one is
+skipped and the walk goes on, so a filter that rejects most neighbours still yields
+k results, and the spans come from the same statement (with ~30 daily partitions,
+planning a statement that reads ingest_span costs milliseconds). Which path is
+decided on the planner's estimate of the matching spans: counting them would read
+them all (hundreds of ms at 1M spans). A walk that ends short of k prompts (the
+estimate was too high) falls back to the exact scan if that stays cheap.
+tests/performance/bench_search.py measures recall and latency at 100k and 1M.
+
+Django's psycopg cursors bind parameters on the client (no server-side prepared
+statements), so `set_config(..., true)` (SET LOCAL) applies; a raw psycopg
+connection would need prepare_threshold=None for the same reason.
 """
 
 from __future__ import annotations
@@ -19,6 +28,11 @@ from ingest.selectors.spans import SPAN_FIELDS, SpanFilters
 
 _JSON_FIELDS = ("attempted_models", "matched_patterns", "metadata")
 _FILTER_COLUMNS = (("service", "service_name"), ("model", "model"), ("provider", "provider"))
+# Bound of the HNSW walk, as pgvector's hnsw.max_scan_tuples (default 20,000) bounds an iterative scan.
+_MAX_WALK = 20_000
+# A walk that ends short of k falls back to the exact scan when at most this many spans are
+# estimated to match (an exact scan of 20k candidates takes ~0.2 s, of 200k ~2 s).
+_EXACT_FALLBACK_BELOW = 20_000
 
 
 @dataclass(frozen=True)
@@ -47,81 +61,89 @@ def _literal(vector: list[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
-def _candidate_count(cur, project_id: int, where: str, params: list, cap: int) -> int:
+def _estimated_candidates(cur, project_id: int, where: str, params: list) -> float:
+    """The planner's estimate of the spans with a prompt that match the filters (statistics only, no scan)."""
     cur.execute(
-        f"SELECT count(*) FROM (SELECT DISTINCT s.prompt_hash FROM ingest_span s WHERE s.project_id = %s "
-        f"AND s.prompt_hash IS NOT NULL{where} LIMIT %s) c",
-        [project_id, *params, cap + 1],
+        f"EXPLAIN (FORMAT JSON) SELECT 1 FROM ingest_span s WHERE s.project_id = %s AND s.prompt_hash IS NOT NULL"
+        f"{where}",
+        [project_id, *params],
     )
-    return cur.fetchone()[0]
+    plan = cur.fetchone()[0]
+    if isinstance(plan, (str, bytes)):  # Django's psycopg setup hands json back as text on raw cursors
+        plan = orjson.loads(plan)
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _nearest(*, project_id: int, vector: list[float], k: int, filters: SpanFilters, exclude_key: str | None,
+             fields: tuple[str, ...]) -> list[tuple]:
+    """(distance, *fields of the latest span matching the filters) of the k nearest prompts, nearest first."""
+    where, params = _span_conditions(filters, "s")
+    exclude_sql, exclude_params = ("AND e.content_key <> %s", [exclude_key]) if exclude_key else ("", [])
+    q = _literal(vector)
+    columns = ", ".join(f"s.{f}" for f in fields)
+    # Newest first over daily partitions: the scan stops at the first partition holding the prompt.
+    latest = (f"CROSS JOIN LATERAL (SELECT * FROM ingest_span s WHERE s.project_id = %s "
+              f"AND s.prompt_hash = c.content_key{where} ORDER BY s.timestamp_utc DESC LIMIT 1) s")
+    with transaction.atomic(), connection.cursor() as cur:
+        estimate = _estimated_candidates(cur, project_id, where, params) if params else None
+        exact = estimate is not None and estimate <= settings.SEARCH_EXACT_BELOW
+        if not exact:
+            cur.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true)",
+                        [str(max(settings.SEARCH_EF, 2 * k)), "relaxed_order"])
+            # The walk is consumed only as far as k neighbours with a matching span; relaxed_order
+            # may return them slightly out of order, so the k kept are re-sorted.
+            cur.execute(
+                f"""WITH r AS MATERIALIZED (
+                        SELECT c.d, {columns} FROM (
+                            SELECT e.content_key, e.embedding <=> %s::vector AS d FROM ingest_embedding e
+                            WHERE e.project_id = %s {exclude_sql} ORDER BY d LIMIT %s) c
+                        {latest}
+                        LIMIT %s)
+                    SELECT * FROM r ORDER BY d""",
+                [q, project_id, *exclude_params, _MAX_WALK, project_id, *params, k],
+            )
+            rows = cur.fetchall()
+            # Short of k: the walk found fewer matching prompts than estimated (e.g. many spans of few
+            # prompts) and the exact scan settles it, unless so many spans match that scanning them
+            # would take seconds; then the walk's answer stands.
+            if len(rows) >= k or estimate is None or estimate > _EXACT_FALLBACK_BELOW:
+                return rows
+        cur.execute(
+            f"""WITH keys AS MATERIALIZED (
+                    SELECT DISTINCT s.prompt_hash AS key FROM ingest_span s
+                    WHERE s.project_id = %s AND s.prompt_hash IS NOT NULL{where}),
+                c AS MATERIALIZED (
+                    SELECT e.content_key, e.embedding <=> %s::vector AS d
+                    FROM keys JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = keys.key
+                    WHERE true {exclude_sql}
+                    ORDER BY d LIMIT %s)
+                SELECT c.d, {columns} FROM c {latest} ORDER BY c.d""",
+            [project_id, *params, q, project_id, *exclude_params, k, project_id, *params],
+        )
+        return cur.fetchall()
 
 
 def nearest_contents(*, project_id: int, vector: list[float], k: int, filters: SpanFilters,
                      exclude_key: str | None = None) -> list[Neighbour]:
-    where, params = _span_conditions(filters, "s")
-    exclude_sql, exclude_params = ("AND e.content_key <> %s", [exclude_key]) if exclude_key else ("", [])
-    q = _literal(vector)
-    filtered = bool(params)
-    with transaction.atomic(), connection.cursor() as cur:
-        exact = filtered and _candidate_count(cur, project_id, where, params, settings.SEARCH_EXACT_BELOW) \
-            <= settings.SEARCH_EXACT_BELOW
-        if exact:
-            cur.execute(
-                f"""WITH keys AS MATERIALIZED (
-                        SELECT DISTINCT s.prompt_hash AS key FROM ingest_span s
-                        WHERE s.project_id = %s AND s.prompt_hash IS NOT NULL{where})
-                    SELECT e.content_key, e.embedding <=> %s::vector AS d
-                    FROM keys JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = keys.key
-                    WHERE true {exclude_sql}
-                    ORDER BY d LIMIT %s""",
-                [project_id, *params, q, project_id, *exclude_params, k],
-            )
-        else:
-            cur.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(max(settings.SEARCH_EF, 2 * k))])
-            cur.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-            span_filter = (
-                f"AND EXISTS (SELECT 1 FROM ingest_span s WHERE s.project_id = e.project_id "
-                f"AND s.prompt_hash = e.content_key{where})" if filtered else ""
-            )
-            # relaxed_order may return neighbours slightly out of order: re-sort the few we keep.
-            cur.execute(
-                f"""WITH c AS MATERIALIZED (
-                        SELECT e.content_key, e.embedding <=> %s::vector AS d FROM ingest_embedding e
-                        WHERE e.project_id = %s {exclude_sql} {span_filter}
-                        ORDER BY d LIMIT %s)
-                    SELECT content_key, d FROM c ORDER BY d""",
-                [q, project_id, *exclude_params, *params, k],
-            )
-        return [Neighbour(key, float(d)) for key, d in cur.fetchall()]
+    """The k nearest distinct prompts with a span matching the filters, nearest first."""
+    rows = _nearest(project_id=project_id, vector=vector, k=k, filters=filters, exclude_key=exclude_key,
+                    fields=("prompt_hash",))
+    return [Neighbour(key, float(d)) for d, key in rows]
 
 
 def similar_spans(*, project_id: int, vector: list[float], k: int, filters: SpanFilters,
                   exclude_key: str | None = None) -> list[dict]:
     """The latest span (matching the filters) of each of the k nearest distinct prompts."""
-    neighbours = nearest_contents(project_id=project_id, vector=vector, k=k, filters=filters, exclude_key=exclude_key)
-    if not neighbours:
-        return []
-    where, params = _span_conditions(filters, "s")
-    columns = ", ".join(f"s.{f}" for f in SPAN_FIELDS)
-    with connection.cursor() as cur:
-        cur.execute(
-            f"SELECT DISTINCT ON (s.prompt_hash) {columns} FROM ingest_span s "
-            f"WHERE s.project_id = %s AND s.prompt_hash = ANY(%s){where} "
-            f"ORDER BY s.prompt_hash, s.timestamp_utc DESC",
-            [project_id, [n.content_key for n in neighbours], *params],
-        )
-        rows = [dict(zip(SPAN_FIELDS, row)) for row in cur.fetchall()]
-    for row in rows:
+    rows = _nearest(project_id=project_id, vector=vector, k=k, filters=filters, exclude_key=exclude_key,
+                    fields=SPAN_FIELDS)
+    items = []
+    for distance, *values in rows:
+        row = dict(zip(SPAN_FIELDS, values))
         # Django's psycopg setup hands jsonb back as text on raw cursors.
         for name in _JSON_FIELDS:
             if isinstance(row[name], str):
                 row[name] = orjson.loads(row[name])
-    by_key = {row["prompt_hash"]: row for row in rows}
-    items = []
-    for n in neighbours:
-        row = by_key.get(n.content_key)
-        if row is not None:
-            items.append({**row, "score": round(1.0 - n.distance, 6)})
+        items.append({**row, "score": round(1.0 - float(distance), 6)})
     return items
 
 

@@ -87,6 +87,24 @@ def test_filtered_hnsw_search_still_returns_k(indexed, settings):
     assert sorted(found) == ["python", "sql"]
 
 
+def test_selective_filter_is_scanned_exactly_and_a_short_hnsw_walk_falls_back_to_it(indexed, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    def search(k):
+        with CaptureQueriesContext(connection) as queries:
+            found = ids(indexed.post("/v1/search/similar", {"text": "sea poem", "k": k, "service": "coding"}))
+        sql = [q["sql"] for q in queries.captured_queries]
+        return sorted(found), any("hnsw.ef_search" in q for q in sql), any("WITH keys AS" in q for q in sql)
+
+    # Two candidate prompts: far below SEARCH_EXACT_BELOW by the planner's estimate, no HNSW walk.
+    assert search(10) == (["python", "sql"], False, True)
+    settings.SEARCH_EXACT_BELOW = 0
+    assert search(2) == (["python", "sql"], True, False)
+    # k=10 but only two prompts match: the walk ends short of k, then the exact scan answers.
+    assert search(10) == (["python", "sql"], True, True)
+
+
 def test_search_by_span_excludes_its_own_prompt(indexed):
     found = ids(indexed.post("/v1/search/similar", {"span_id": "refund-2", "k": 2}))
     assert found[0] == "refund-1-again" and "refund-2" not in found
