@@ -4,6 +4,13 @@ The web process (producer) builds a `SpanMessageV1` from a prepared row, already
 validated, priced, scanned and redacted; the consumer decodes it and stores the row
 unchanged. A change of shape is a new class with a new version, never an edit of
 this one: messages written by an older release may still sit in the topic.
+
+The SDK's Kafka transport (`instrumentation_sdk._kafka`, which cannot import this
+module) writes the same message with the headers below and `project_id` 0. Such a
+message is a client's span, not a prepared row: the consumer resolves the project
+from the key header and runs it through `spans_prepare` (validation, scanning with
+the server's patterns, sampling, pricing) before storing it. Messages without
+`HEADER_ORIGIN` come from the web process and are stored as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +23,10 @@ from typing import Any, ClassVar
 import orjson
 
 SPAN_SCHEMA = "llm-observe.span"
+# Headers of messages produced by the SDK straight to Kafka.
+HEADER_ORIGIN = "llm-observe.origin"  # b"instrumentation-sdk/<version>": a client's span, to prepare
+HEADER_KEY = "llm-observe.key"  # b"<key prefix>:<sha256 hex of the API key>": names the project
+PROJECT_FROM_KEY = 0  # project_id of an SDK message: the key header decides
 
 
 class ContractError(ValueError):

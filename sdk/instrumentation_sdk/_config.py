@@ -17,6 +17,19 @@ from typing import Any
 log = logging.getLogger("instrumentation_sdk")
 
 _TRUE = {"1", "true", "yes", "on"}
+TRANSPORTS = ("http", "kafka")
+DEFAULT_KAFKA_TOPIC = "llm.spans.raw"
+# LLM_OBSERVE_KAFKA_<NAME> -> librdkafka setting, for the usual security settings; anything
+# else goes through configure(kafka_config={...}).
+_KAFKA_ENV = {
+    "SECURITY_PROTOCOL": "security.protocol",
+    "SASL_MECHANISM": "sasl.mechanism",
+    "SASL_USERNAME": "sasl.username",
+    "SASL_PASSWORD": "sasl.password",
+    "SSL_CA_LOCATION": "ssl.ca.location",
+    "SSL_CERTIFICATE_LOCATION": "ssl.certificate.location",
+    "SSL_KEY_LOCATION": "ssl.key.location",
+}
 
 
 def _env_float(name: str, default: float | None) -> float | None:
@@ -85,16 +98,60 @@ class Config:
     exit_flush_timeout: float = 5.0        # bound on the flush at interpreter exit
     wal_max_rows: int = 1_000_000          # oldest rows are dropped (with a warning) beyond this
     max_text_chars: int = 1_000_000        # prompt/response longer than this are cut
+    # "http" or "kafka"; None: kafka when kafka_bootstrap_servers is set, http otherwise.
+    transport: str | None = None
+    kafka_bootstrap_servers: str | None = None   # e.g. "kafka-1:9092,kafka-2:9092" (the `kafka` extra)
+    kafka_topic: str = DEFAULT_KAFKA_TOPIC
+    kafka_config: dict[str, Any] = field(default_factory=dict)  # more librdkafka settings (SASL, TLS, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def kafka(self) -> bool:
+        """True when spans are produced straight to Kafka instead of POSTed to the appliance."""
+        if self.transport:
+            return self.transport == "kafka"
+        return bool(self.kafka_bootstrap_servers)
+
+    @property
+    def has_destination(self) -> bool:
+        return bool(self.kafka_bootstrap_servers) if self.kafka else bool(self.url)
+
+    @property
     def destination(self) -> str:
-        """Which appliance the spans go to: WAL rows are replayed only to the URL they were meant for
+        """Where the spans go: WAL rows are replayed only to the destination they were meant for
         (with whatever key is configured then, so a rotated key does not strand them)."""
+        if self.kafka:
+            return f"kafka://{(self.kafka_bootstrap_servers or '').strip()}/{self.kafka_topic}"
         return (self.url or "").rstrip("/")
+
+    @property
+    def target(self) -> str:
+        """The destination as said in log lines."""
+        if self.kafka:
+            return f"Kafka {self.kafka_bootstrap_servers} (topic {self.kafka_topic})"
+        return str(self.url)
 
     def resolved_wal_path(self) -> Path:
         return Path(self.wal_path) if self.wal_path else default_data_dir() / "spans-wal.sqlite3"
+
+
+def _env_transport() -> str | None:
+    raw = (os.environ.get("LLM_OBSERVE_TRANSPORT") or "").strip().lower()
+    if not raw:
+        return None
+    if raw not in TRANSPORTS:
+        log.warning("llm-observe: ignoring LLM_OBSERVE_TRANSPORT=%r (one of %s)", raw, ", ".join(TRANSPORTS))
+        return None
+    return raw
+
+
+def _env_kafka_config() -> dict[str, Any]:
+    config = {}
+    for suffix, name in _KAFKA_ENV.items():
+        value = os.environ.get(f"LLM_OBSERVE_KAFKA_{suffix}")
+        if value:
+            config[name] = value
+    return config
 
 
 def config_from_env() -> Config:
@@ -115,6 +172,10 @@ def config_from_env() -> Config:
         backoff_max=_env_float("LLM_OBSERVE_BACKOFF_MAX", 30.0) or 30.0,
         exit_flush_timeout=_env_float("LLM_OBSERVE_EXIT_FLUSH_TIMEOUT", 5.0) or 0.0,
         wal_max_rows=_env_int("LLM_OBSERVE_WAL_MAX_ROWS", 1_000_000),
+        transport=_env_transport(),
+        kafka_bootstrap_servers=(env("LLM_OBSERVE_KAFKA_BOOTSTRAP_SERVERS") or "").strip() or None,
+        kafka_topic=(env("LLM_OBSERVE_KAFKA_TOPIC") or "").strip() or DEFAULT_KAFKA_TOPIC,
+        kafka_config=_env_kafka_config(),
     )
 
 
@@ -140,6 +201,7 @@ def configure(**options: Any) -> Config:
 
     configure(url="http://127.0.0.1:8000", api_key="llmo_...", service_name="billing",
               environment="production", sampling=5)
+    configure(transport="kafka", kafka_bootstrap_servers="kafka:9092", api_key="llmo_...")
     """
     global _config
     changes: dict[str, Any] = {}
@@ -149,6 +211,12 @@ def configure(**options: Any) -> Config:
             raise TypeError(f"configure() got an unknown option {name!r}")
         if name == "url" and value:
             value = str(value).strip().rstrip("/")
+        if name == "transport" and value is not None:
+            value = str(value).strip().lower() or None
+            if value is not None and value not in TRANSPORTS:
+                raise ValueError(f"configure(transport=...) must be one of {', '.join(TRANSPORTS)}, got {value!r}")
+        if name == "kafka_config":
+            value = dict(value or {})
         changes[name] = value
     with _lock:
         _config = replace(_config or config_from_env(), **changes)

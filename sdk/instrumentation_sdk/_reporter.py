@@ -22,6 +22,11 @@ reached the WAL survives (synchronous=FULL).
 
 With no URL configured, spans are dropped and one warning is logged: nothing is
 written to disk that no appliance will ever read.
+
+Kafka transport (`transport="kafka"`, the `kafka` extra): the same queue, WAL, backoff
+and exit flush; a batch is produced to the appliance's topic instead of POSTed, and
+counts as sent (WAL rows deleted) only once the broker acknowledged every message
+of it (see _kafka.py).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
+from instrumentation_sdk import _kafka
 from instrumentation_sdk._config import Config, get_config
 from instrumentation_sdk._transport import HttpTransport, TransportError
 from instrumentation_sdk._wal import WriteAheadLog
@@ -187,6 +193,7 @@ class SpanReporter:
         self._wal: WriteAheadLog | None = None
         self._wal_for = None
         self._transport: HttpTransport | None = None
+        self._kafka: _kafka.KafkaTransport | None = None  # created and used by the sender thread only
         self._backlog: bool | None = None  # None: not checked yet
         self._retry_at = 0.0
         self._backoff = 0.0
@@ -249,11 +256,16 @@ class SpanReporter:
         cfg = self.config
         if not cfg.enabled:
             return
-        if not cfg.url:
+        if not cfg.has_destination:
             if not self._warned_unconfigured:
                 self._warned_unconfigured = True
-                log.warning("llm-observe: no appliance URL configured (LLM_OBSERVE_URL or configure(url=...)); "
-                            "spans are not recorded")
+                if cfg.kafka:
+                    log.warning("llm-observe: the Kafka transport has no bootstrap servers "
+                                "(LLM_OBSERVE_KAFKA_BOOTSTRAP_SERVERS or configure(kafka_bootstrap_servers=...)); "
+                                "spans are not recorded")
+                else:
+                    log.warning("llm-observe: no appliance URL configured (LLM_OBSERVE_URL or configure(url=...)); "
+                                "spans are not recorded")
             self.stats["dropped"] += 1
             return
         if _CHECK_PID and self._pid != os.getpid():
@@ -333,8 +345,12 @@ class SpanReporter:
         thread = self._thread
         if thread is not None and done:
             thread.join(timeout=max(0.1, min(1.0, timeout)))
-        if self._wal is not None and done and (thread is None or not thread.is_alive()):
-            self._wal.close()
+        if done and (thread is None or not thread.is_alive()):
+            if self._wal is not None:
+                self._wal.close()
+            producer, self._kafka = self._kafka, None
+            if producer is not None and producer.pid == os.getpid():
+                producer.close(timeout=min(1.0, max(0.1, timeout)))
 
     def _persist_leftovers(self, cfg: Config) -> None:
         """Exit with the sender still busy (slow appliance): write queue and in-flight batch to the WAL."""
@@ -382,6 +398,8 @@ class SpanReporter:
                 return
 
     def _cycle(self, cfg: Config) -> None:
+        if self._kafka is not None:
+            self._kafka.poll()
         if self._backlog is None or time.monotonic() >= self._next_wal_check:
             self._check_wal(cfg)
         queue = self._queue
@@ -406,7 +424,7 @@ class SpanReporter:
                 continue
             self._inflight = rows
             try:
-                outcome = self._post(rows, cfg)
+                outcome = self._send(rows, cfg)
             finally:
                 self._inflight = None
             if outcome == "ok":
@@ -457,7 +475,7 @@ class SpanReporter:
                 self._retry_at = time.monotonic() + min(5.0, cfg.backoff_max)
             return False
         ids = [row_id for row_id, _ in rows]
-        outcome = self._post([(None, body) for _, body in rows], cfg)
+        outcome = self._send([(None, body) for _, body in rows], cfg)
         if outcome == "ok":
             wal.delete(ids)
             self.stats["wal_replayed"] += len(ids)
@@ -519,10 +537,75 @@ class SpanReporter:
             return
         if reason == "spill":
             self._logs.warning("spill", "llm-observe: more than %d spans waiting for %s; the excess is kept in %s",
-                               cfg.queue_size, cfg.url, wal.path)
+                               cfg.queue_size, cfg.target, wal.path)
         elif self._retry_at > time.monotonic() or self.stats["failed_posts"]:
-            self._logs.warning("wal", "llm-observe: appliance %s not reachable; spans kept in %s and sent "
-                               "when it is back", cfg.url, wal.path)
+            self._logs.warning("wal", "llm-observe: %s not reachable; spans kept in %s and sent "
+                               "when it is back", cfg.target, wal.path)
+
+    def _send(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
+        """Deliver one batch with the configured transport: 'ok', 'transient' or 'auth' (keep the rows)."""
+        if cfg.kafka:
+            return self._produce(rows, cfg)
+        return self._post(rows, cfg)
+
+    # -- Kafka ----------------------------------------------------------------------
+
+    def _produce(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
+        """Produce one batch to the appliance's topic; 'ok' only when every message was acknowledged."""
+        self._retry_after = None
+        if not cfg.api_key:
+            self._logs.warning("kafkakey", "llm-observe: the Kafka transport needs LLM_OBSERVE_API_KEY (the appliance "
+                               "takes the project from it); spans are kept in the WAL")
+            return "auth"
+        try:
+            headers = _kafka.headers_for(cfg.api_key)
+        except ValueError as exc:
+            self._logs.warning("kafkakey", "llm-observe: %s; spans are kept in the WAL", exc)
+            return "auth"
+        transport = self._kafka
+        if transport is None or transport.retired or transport.key != _kafka.transport_key(cfg):
+            if transport is not None:
+                transport.dispose()
+            self._kafka = None
+            try:
+                transport = self._kafka = _kafka.KafkaTransport(cfg)
+            except _kafka.KafkaUnavailable as exc:
+                self._logs.warning("kafkaconf", "llm-observe: %s; spans are kept in the WAL", exc)
+                return "auth"
+        received_at = _kafka.now_iso()
+        messages: list[tuple[bytes, bytes]] = []
+        span_ids: list[str | None] = []
+        for span_id, body in rows:
+            try:
+                messages.append(_kafka.encode(body, received_at))
+                span_ids.append(span_id)
+            except _kafka.InvalidSpan as exc:
+                self._rejected_locally(span_id, body, exc.field, exc.reason)
+        if not messages:
+            return "ok"
+        result = transport.send(messages, headers)
+        if not result.ok:
+            self._logs.warning("kafkadown", "llm-observe: cannot deliver to %s (%s); retrying with backoff",
+                               cfg.target, result.error)
+            return "transient"
+        for index in result.too_large:
+            self._rejected_locally(span_ids[index], messages[index][1], None,
+                                   f"{len(messages[index][1])} bytes: too large for a Kafka message of this topic")
+        self.stats["sent"] += result.delivered
+        return "ok"
+
+    def _rejected_locally(self, span_id: str | None, body: bytes, field: str | None, reason: str) -> None:
+        """A span no retry can deliver (what the HTTP API would answer with a rejection): counted, logged, dropped."""
+        if span_id is None:
+            try:
+                span_id = str(_kafka._loads(body).get("span_id"))
+            except Exception:  # noqa: BLE001
+                span_id = None
+        self.stats["rejected"] += 1
+        self.last_rejections.append({"span_id": span_id, "rule": "invalid_value" if field else "too_large",
+                                     "field": field, "reason": reason})
+        self._logs.warning("kafkareject", "llm-observe: span %s cannot be sent to Kafka (%s%s); dropped", span_id,
+                           f"{field}: " if field else "", reason)
 
     # -- HTTP -----------------------------------------------------------------------
 
@@ -607,6 +690,9 @@ class SpanReporter:
         # Content: capture, render, scan, redact. PII never reaches the WAL or the wire unredacted.
         if "prompt" in span or "text" in span or "response" in span:
             self._scan_content(span, kind == INTERNAL_SCANNED, cfg)
+        if cfg.kafka and not span.get("trace_id"):
+            # The message key, so chosen here, once: a re-sent span lands on the same partition.
+            span["trace_id"] = new_span_id()
         if cfg.sampling is not None and span.get("is_sampled") is None:
             # Otherwise the appliance decides with the project's rate.
             span["is_sampled"] = should_sample(str(span["span_id"]), cfg.sampling)
@@ -699,6 +785,10 @@ class SpanReporter:
         # The child starts empty: the parent still owns (and sends) what it had queued.
         overrides, source, cached = self._overrides, self._cfg_source, self._cfg_cached
         wal, wal_for = self._wal, self._wal_for
+        if self._kafka is not None:
+            # librdkafka's threads did not survive the fork: the parent's producer must be neither
+            # used nor destroyed here (destroying waits for those threads). Kept, never touched.
+            _FORK_ORPHANS.append(self._kafka)
         self._init_state()
         self._overrides, self._cfg_source, self._cfg_cached = overrides, source, cached
         if wal is not None:
@@ -715,6 +805,7 @@ def _error_text(data: Any) -> str:
 # -- process-wide state ---------------------------------------------------------------
 
 _REPORTERS: "weakref.WeakSet[SpanReporter]" = weakref.WeakSet()
+_FORK_ORPHANS: list = []  # Kafka producers inherited from a parent process
 _reporter: Any = None
 _reporter_lock = threading.Lock()
 _METRICS_HOOK = None

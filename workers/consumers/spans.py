@@ -2,28 +2,83 @@
 
 Writes through `spans_store`, the storage service of direct mode, which stores each
 (project, span_id) once: a batch re-delivered after a crash adds nothing.
+
+Messages of the web process are prepared rows and are stored as they are. Messages
+the SDK produced straight to Kafka (they carry HEADER_ORIGIN) are a client's spans:
+the project comes from the API key named in HEADER_KEY (unknown or revoked key: DLQ),
+and the span goes through `spans_prepare` like a POST /v1/spans would (validation,
+PII/injection scan with the server's patterns and the project's redaction mode,
+sampling, pricing); a span it rejects goes to the DLQ with the rule.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import threading
+import time
+from datetime import datetime, timezone
 
 from confluent_kafka import Message
+from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, connection
 
-from ingest.contracts import ContractError, SpanMessageV1
+from ingest import kafka_metrics as metrics
+from ingest.contracts import HEADER_KEY, HEADER_ORIGIN, PROJECT_FROM_KEY, ContractError, SpanMessageV1
 from ingest.metrics import metrics_record_ingest
-from ingest.models import Project
-from ingest.services.spans import Prepared, StoreResult, spans_store
-from workers.consumers import metrics
+from ingest.models import ApiKey, Project
+from ingest.queues import Topic
+from ingest.services.spans import Prepared, StoreResult, spans_prepare, spans_store
 from workers.consumers.base import BatchConsumer, Poison, TransientError
-from workers.queues import Topic
 
 log = logging.getLogger(__name__)
 
 # Errors of one row's content: that row can never be stored. Everything else from the
 # database (connection lost, server restarting, even a missing table) is waited out.
 _ROW_ERRORS = (DataError, IntegrityError)
+# What the appliance derives itself: never taken from a client's message.
+_SERVER_FIELDS = ("project_id", "received_at", "cost_usd_micro", "price_version", "matched_patterns", "scan_status",
+                  "prompt_hash", "is_sampled")
+
+
+def _header(message: Message, name: str) -> bytes | None:
+    for key, value in message.headers() or ():
+        if key == name:
+            return value
+    return None
+
+
+_keys: dict[bytes, tuple[float, Project | None, str]] = {}
+_keys_lock = threading.Lock()
+
+
+def _key_project(header: bytes | None) -> tuple[Project | None, str]:
+    """(project, "") for a valid key header; (None, poison reason) otherwise. Cached CONFIG_REFRESH_SECONDS."""
+    if not header:
+        return None, "unauthenticated"
+    now = time.monotonic()
+    hit = _keys.get(header)
+    if hit is not None and now - hit[0] < settings.CONFIG_REFRESH_SECONDS:
+        return hit[1], hit[2]
+    prefix, _, digest = header.decode("ascii", "replace").partition(":")
+    project, problem = None, "unauthenticated"
+    if prefix and len(digest) == 64:
+        api_key = ApiKey.objects.select_related("project").filter(prefix=prefix).first()
+        if api_key is not None and hmac.compare_digest(api_key.key_hash, digest):
+            if api_key.revoked_at is not None:
+                problem = "revoked_key"
+            else:
+                project, problem = api_key.project, ""
+    with _keys_lock:
+        if len(_keys) > 10_000:
+            _keys.clear()
+        _keys[header] = (now, project, problem)
+    return project, problem
+
+
+def _client_span(row: dict) -> dict:
+    """A decoded SDK message as the span a client would POST (spans_prepare's input)."""
+    return {k: v for k, v in row.items() if v is not None and k not in _SERVER_FIELDS}
 
 
 class SpanConsumer(BatchConsumer):
@@ -37,12 +92,23 @@ class SpanConsumer(BatchConsumer):
         poison: list[Poison] = []
         rows: list[dict] = []
         sources: list[Message] = []
+        from_clients: list[tuple[dict, Message]] = []
         for message in messages:
             try:
-                rows.append(SpanMessageV1.from_bytes(message.value()).to_row())
-                sources.append(message)
+                row = SpanMessageV1.from_bytes(message.value()).to_row()
             except ContractError as exc:
                 poison.append(Poison(message, "contract", str(exc)))
+                continue
+            if _header(message, HEADER_ORIGIN) is not None:
+                from_clients.append((row, message))
+            else:
+                rows.append(row)
+                sources.append(message)
+        if from_clients:
+            prepared_rows, prepared_sources, rejected = self._prepare_client_spans(from_clients)
+            rows += prepared_rows
+            sources += prepared_sources
+            poison += rejected
         if rows:
             known = set(Project.objects.filter(id__in={r["project_id"] for r in rows}).values_list("id", flat=True))
             if len(known) < len({r["project_id"] for r in rows}):
@@ -71,6 +137,37 @@ class SpanConsumer(BatchConsumer):
                                   stored=StoreResult(stored=stored, duplicates=duplicates))
             self._counts["stored"] += stored
         return poison
+
+    @staticmethod
+    def _prepare_client_spans(items: list[tuple[dict, Message]]) -> tuple[list[dict], list[Message], list[Poison]]:
+        """SDK messages: authenticate the key, then validate/scan/sample/price as the HTTP API does."""
+        poison: list[Poison] = []
+        groups: dict[int, tuple[Project, list[tuple[dict, Message]]]] = {}
+        for row, message in items:
+            project, problem = _key_project(_header(message, HEADER_KEY))
+            if project is None:
+                poison.append(Poison(message, problem, "the API key of the message is unknown" if
+                                     problem == "unauthenticated" else "the API key of the message was revoked"))
+                continue
+            if row["project_id"] not in (PROJECT_FROM_KEY, project.id):
+                poison.append(Poison(message, "project_mismatch",
+                                     f"project {row['project_id']} is not the project of the API key"))
+                continue
+            groups.setdefault(project.id, (project, []))[1].append((row, message))
+        rows: list[dict] = []
+        sources: list[Message] = []
+        received_at = datetime.now(timezone.utc)
+        for project, group in groups.values():
+            prepared = spans_prepare(project=project, items=[_client_span(row) for row, _ in group],
+                                     received_at=received_at)
+            rejected = {r.index: r for r in prepared.rejected}
+            accepted = [message for index, (_, message) in enumerate(group) if index not in rejected]
+            rows += prepared.rows
+            sources += accepted
+            for index, rejection in rejected.items():
+                poison.append(Poison(group[index][1], "invalid", f"{rejection.rule} "
+                                     f"({rejection.field or 'span'}): {rejection.reason}"))
+        return rows, sources, poison
 
     @staticmethod
     def _store(rows: list[dict]) -> tuple[int, int]:

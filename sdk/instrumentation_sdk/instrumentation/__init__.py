@@ -185,16 +185,16 @@ def trigger_test_call(method: str = "chat.completions.create", provider: str = "
     if not isinstance(reporter, SpanReporter):
         return {"success": True, "message": f"test span {span_id} handed to {type(reporter).__name__}",
                 "span_id": span_id}
-    if not reporter.config.url:
+    if not reporter.config.has_destination:
         return {"success": False, "message": "no appliance URL configured (LLM_OBSERVE_URL or configure(url=...))",
                 "span_id": span_id}
     before = dict(reporter.stats)
     flushed = reporter.flush(timeout=10)
     sent = reporter.stats["sent"] > before["sent"]
     if sent:
-        message = f"test span {span_id} ({provider} {method}) accepted by {reporter.config.url}"
+        message = f"test span {span_id} ({provider} {method}) accepted by {reporter.config.target}"
     elif flushed:
-        message = f"test span {span_id} kept in the WAL: {reporter.config.url} did not accept it yet"
+        message = f"test span {span_id} kept in the WAL: {reporter.config.target} did not accept it yet"
     else:
         message = f"test span {span_id} still queued"
     return {"success": sent or flushed, "message": message, "span_id": span_id}
