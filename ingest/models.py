@@ -241,7 +241,7 @@ class Embedding(models.Model):
 
     class Meta:
         indexes = [
-            HnswIndex(name="ingest_embedding_hnsw", fields=["embedding"], m=16, ef_construction=64,
+            HnswIndex(name="ingest_embedding_hnsw", fields=["embedding"], m=24, ef_construction=128,
                       opclasses=["vector_cosine_ops"]),
         ]
 
