@@ -37,14 +37,17 @@ def api_key_cache_clear() -> None:
 
 def api_key_check(*, raw_key: str) -> KeyCheck:
     """KeyCheck(project=None) for unknown keys; revoked=True for revoked ones."""
-    digest = hash_key(raw_key)
+    return api_key_check_hashed(prefix=split_key(raw_key), digest=hash_key(raw_key))
+
+
+def api_key_check_hashed(*, prefix: str | None, digest: str) -> KeyCheck:
+    """The same check from a key's prefix and SHA-256 (what SDK messages on Kafka carry)."""
     now = time.monotonic()
     hit = _cache.get(digest)
     if hit is not None and now - hit[0] < settings.CONFIG_REFRESH_SECONDS:
         return hit[1]
-    prefix = split_key(raw_key)
     check = KeyCheck(None, None, False)
-    if prefix is not None:
+    if prefix:
         api_key = ApiKey.objects.select_related("project").filter(prefix=prefix).first()
         if api_key is not None and hmac.compare_digest(api_key.key_hash, digest):
             check = KeyCheck(api_key.id, api_key.project, api_key.revoked_at is not None)

@@ -13,21 +13,18 @@ sampling, pricing); a span it rejects goes to the DLQ with the rule.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import threading
-import time
 from datetime import datetime, timezone
 
 from confluent_kafka import Message
-from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, connection
 
 from ingest import kafka_metrics as metrics
 from ingest.contracts import HEADER_KEY, HEADER_ORIGIN, PROJECT_FROM_KEY, ContractError, SpanMessageV1
 from ingest.metrics import metrics_record_ingest
-from ingest.models import ApiKey, Project
+from ingest.models import Project
 from ingest.queues import Topic
+from ingest.selectors.api_keys import api_key_check_hashed
 from ingest.services.spans import Prepared, StoreResult, spans_prepare, spans_store
 from workers.consumers.base import BatchConsumer, Poison, TransientError
 
@@ -48,32 +45,19 @@ def _header(message: Message, name: str) -> bytes | None:
     return None
 
 
-_keys: dict[bytes, tuple[float, Project | None, str]] = {}
-_keys_lock = threading.Lock()
-
-
 def _key_project(header: bytes | None) -> tuple[Project | None, str]:
-    """(project, "") for a valid key header; (None, poison reason) otherwise. Cached CONFIG_REFRESH_SECONDS."""
+    """(project, "") for a valid key header ("prefix:sha256"); (None, poison reason) otherwise."""
     if not header:
         return None, "unauthenticated"
-    now = time.monotonic()
-    hit = _keys.get(header)
-    if hit is not None and now - hit[0] < settings.CONFIG_REFRESH_SECONDS:
-        return hit[1], hit[2]
     prefix, _, digest = header.decode("ascii", "replace").partition(":")
-    project, problem = None, "unauthenticated"
-    if prefix and len(digest) == 64:
-        api_key = ApiKey.objects.select_related("project").filter(prefix=prefix).first()
-        if api_key is not None and hmac.compare_digest(api_key.key_hash, digest):
-            if api_key.revoked_at is not None:
-                problem = "revoked_key"
-            else:
-                project, problem = api_key.project, ""
-    with _keys_lock:
-        if len(_keys) > 10_000:
-            _keys.clear()
-        _keys[header] = (now, project, problem)
-    return project, problem
+    if not prefix or len(digest) != 64:
+        return None, "unauthenticated"
+    check = api_key_check_hashed(prefix=prefix, digest=digest)
+    if check.project is None:
+        return None, "unauthenticated"
+    if check.revoked:
+        return None, "revoked_key"
+    return check.project, ""
 
 
 def _client_span(row: dict) -> dict:
