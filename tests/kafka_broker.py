@@ -203,3 +203,17 @@ class ConsumerProcess:
     def terminate(self, timeout: float = 30) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+def wait_for(predicate, timeout: float, what: str, consumer: ConsumerProcess | None = None):
+    """Poll until predicate() is truthy (its value is returned); fail early if the consumer died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if consumer is not None:
+            assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.output()[-3000:]}"
+        time.sleep(0.1)
+    tail = consumer.output()[-3000:] if consumer else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")

@@ -22,7 +22,7 @@ from django.db import connection
 
 import instrumentation_sdk as sdk
 from instrumentation_sdk import _config, _kafka
-from tests.kafka_broker import ConsumerProcess, kafka_broker  # noqa: F401 - fixture
+from tests.kafka_broker import ConsumerProcess, kafka_broker, wait_for  # noqa: F401 - fixture
 from ingest.queues import Topic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,19 +44,6 @@ def wal_rows(path) -> int:
         return 0
     with sqlite3.connect(path) as conn:
         return conn.execute("SELECT count(*) FROM spans").fetchone()[0]
-
-
-def _wait(predicate, timeout: float, what: str, consumer: ConsumerProcess | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if consumer is not None:
-            assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.output()[-3000:]}"
-        time.sleep(0.1)
-    tail = consumer.output()[-3000:] if consumer else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def _stored(project) -> tuple[int, int]:
@@ -192,7 +179,7 @@ def test_spans_are_consumed_stored_once_redacted_and_priced(kafka_broker, consum
     assert reporter.stats["sent"] == 201 and reporter.stats["rejected"] == 0
     assert wal_rows(tmp_path / "wal.sqlite3") == 0
 
-    _wait(lambda: _stored(project) == (201, 201), 60, "201 spans stored", consumer)
+    wait_for(lambda: _stored(project) == (201, 201), 60, "201 spans stored", consumer)
     time.sleep(1.0)  # a re-delivered message would show up as an extra row now
     assert _stored(project) == (201, 201)
     stored = Span.objects.get(span_id="k-7")
@@ -224,7 +211,7 @@ def test_broker_down_spans_go_to_the_wal_and_arrive_exactly_once_when_it_is_back
     for i in range(20):
         reporter.report({"span_id": f"before-{i}", "model": "gpt-4o"})
     assert reporter.flush(30)
-    _wait(lambda: _stored(project) == (20, 20), 60, "the first spans stored", first)
+    wait_for(lambda: _stored(project) == (20, 20), 60, "the first spans stored", first)
     first.kill()
 
     kafka_broker.stop()
@@ -232,15 +219,15 @@ def test_broker_down_spans_go_to_the_wal_and_arrive_exactly_once_when_it_is_back
     for i in range(300):
         reporter.report({"span_id": f"during-{i}", "model": "gpt-4o", "trace_id": f"trace-{i % 7}"})
     assert time.perf_counter() - started < 0.5  # report() never waits for the broker
-    _wait(lambda: wal_rows(wal) == 300, 30, "the spans in the WAL while the broker is away")
+    wait_for(lambda: wal_rows(wal) == 300, 30, "the spans in the WAL while the broker is away")
     assert reporter.stats["failed_posts"] >= 1
 
     # Back on the same port (memory storage: empty, topics recreated); the WAL is replayed.
     kafka_broker.restart()
-    _wait(lambda: wal_rows(wal) == 0, 60, "the WAL replayed")
+    wait_for(lambda: wal_rows(wal) == 0, 60, "the WAL replayed")
     assert reporter.stats["wal_replayed"] == 300
     second = consumers("second")
-    _wait(lambda: _stored(project) == (320, 320), 60, "every span stored", second)
+    wait_for(lambda: _stored(project) == (320, 320), 60, "every span stored", second)
     time.sleep(1.0)
     assert _stored(project) == (320, 320)
     assert second.terminate() == 0
@@ -270,7 +257,7 @@ def test_the_consumer_dead_letters_unknown_keys_and_invalid_spans(kafka_broker, 
     stranger.close(1)
     old.close(1)
 
-    _wait(lambda: _stored(project) == (1, 1), 60, "the valid span stored", consumer)
+    wait_for(lambda: _stored(project) == (1, 1), 60, "the valid span stored", consumer)
     dead = kafka_broker.read_all(str(Topic.SPANS_DLQ), expect=4)
     reasons = {orjson.loads(m.value())["span_id"]: dict(m.headers())[HEADER_REASON].decode() for m in dead}
     assert set(reasons) == {"from-the-future", "tokens", "stranger", "revoked"}

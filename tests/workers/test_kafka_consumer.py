@@ -18,7 +18,7 @@ from ingest.contracts import SpanMessageV1
 from ingest.models import Project
 from ingest.queues import Topic
 from ingest.services.spans import spans_prepare
-from tests.kafka_broker import SESSION_TIMEOUT_MS, ConsumerProcess, kafka_broker, kafka_mode  # noqa: F401
+from tests.kafka_broker import SESSION_TIMEOUT_MS, ConsumerProcess, kafka_broker, kafka_mode, wait_for  # noqa: F401
 from workers.consumers.base import HEADER_REASON
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,19 +42,6 @@ def _counts(project) -> tuple[int, int]:
     with connection.cursor() as cur:
         cur.execute("SELECT count(*), count(DISTINCT span_id) FROM ingest_span WHERE project_id = %s", [project.id])
         return cur.fetchone()
-
-
-def _wait(predicate, timeout: float, what: str, consumer: ConsumerProcess | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if consumer is not None:
-            assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.output()[-3000:]}"
-        time.sleep(0.1)
-    tail = consumer.output()[-3000:] if consumer else ""
-    raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
 def _committed(broker, partitions: int = 3) -> int:
@@ -100,7 +87,7 @@ def test_api_to_broker_to_consumer_rows_visible_via_get(api, project, kafka_mode
             if not cursor:
                 return found == ids
 
-    _wait(visible, 60, "the spans through Kafka in GET /v1/spans", consumer)
+    wait_for(visible, 60, "the spans through Kafka in GET /v1/spans", consumer)
     item = api.get("/v1/spans", {"limit": 1}).json()["items"][0]
     assert item["pii_detected"] and "7946" not in (item.get("prompt") or "")
     assert _counts(project) == (120, 120)
@@ -114,7 +101,7 @@ def test_api_to_broker_to_consumer_rows_visible_via_get(api, project, kafka_mode
 def test_broker_restart_api_answers_503_then_ingestion_resumes_end_to_end(api, project, kafka_mode, consumer_factory):
     consumer = consumer_factory().start()
     assert api.post("/v1/spans", [{"span_id": "before"}]).status_code == 202
-    _wait(lambda: _counts(project)[0] == 1, 30, "the first span stored", consumer)
+    wait_for(lambda: _counts(project)[0] == 1, 30, "the first span stored", consumer)
 
     kafka_mode.stop()
     response = api.post("/v1/spans", [{"span_id": "during"}])
@@ -127,7 +114,7 @@ def test_broker_restart_api_answers_503_then_ingestion_resumes_end_to_end(api, p
     while (status := api.post("/v1/spans", [{"span_id": "during"}, {"span_id": "after"}]).status_code) != 202:
         assert status == 503 and time.monotonic() < deadline, status
         time.sleep(0.3)
-    _wait(lambda: _counts(project) == (3, 3), 60, "the spans after the restart stored by the same consumer", consumer)
+    wait_for(lambda: _counts(project) == (3, 3), 60, "the spans after the restart stored by the same consumer", consumer)
     assert consumer.terminate() == 0
 
 
@@ -145,7 +132,7 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
         (stranger["trace_id"].encode(), SpanMessageV1.from_row(stranger).to_bytes()),
     ] + good[10:])
     consumer = consumer_factory().start()
-    _wait(lambda: _counts(project) == (20, 20), 60, "the valid spans around the poison", consumer)
+    wait_for(lambda: _counts(project) == (20, 20), 60, "the valid spans around the poison", consumer)
 
     dead = kafka_broker.read_all(str(Topic.SPANS_DLQ), expect=4)
     reasons = {m.key(): dict(m.headers())[HEADER_REASON].decode() for m in dead}
@@ -160,7 +147,7 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
 
     # ... and goes on with what follows.
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), _encoded(_rows(project, "after", 5)))
-    _wait(lambda: _counts(project) == (25, 25), 30, "spans after the poison", consumer)
+    wait_for(lambda: _counts(project) == (25, 25), 30, "spans after the poison", consumer)
     assert _committed(kafka_broker) == 29
 
 
@@ -173,7 +160,7 @@ def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(kafka_broker, co
 
     # Small batches: many store/commit cycles, so the kill lands inside one (stored, not yet committed, ...).
     first = consumer_factory("first").start("--batch-size", "150")
-    stored_at_kill = _wait(lambda: (n := _counts(project)[0]) >= 1500 and n, 90, "a first part stored", first)
+    stored_at_kill = wait_for(lambda: (n := _counts(project)[0]) >= 1500 and n, 90, "a first part stored", first)
     first.kill()  # SIGKILL: no cleanup, no commit
     stored_at_kill = _counts(project)[0]
     assert stored_at_kill < total, "the consumer finished before it could be killed mid-stream"
@@ -184,7 +171,7 @@ def test_consumer_killed_mid_batch_loses_and_duplicates_nothing(kafka_broker, co
     time.sleep(0.3)
     second.kill()  # once more, while it is still starting or joining
     third = consumer_factory("third").start("--batch-size", "500")
-    _wait(lambda: _counts(project)[0] >= total, 120, "every span stored", third)
+    wait_for(lambda: _counts(project)[0] >= total, 120, "every span stored", third)
     time.sleep(1.0)  # any re-delivered message would show up as an extra row now
     assert _counts(project) == (total, total)
     assert third.terminate() == 0
@@ -197,7 +184,7 @@ def test_sigterm_finishes_the_batch_commits_and_leaves(kafka_broker, consumer_fa
     total = 6000
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), _encoded(_rows(project, "term", total)))
     consumer = consumer_factory().start("--batch-size", "200")
-    _wait(lambda: _counts(project)[0] >= 400, 60, "some spans stored", consumer)
+    wait_for(lambda: _counts(project)[0] >= 400, 60, "some spans stored", consumer)
     started = time.monotonic()
     assert consumer.terminate() == 0
     assert time.monotonic() - started < 10
@@ -206,7 +193,7 @@ def test_sigterm_finishes_the_batch_commits_and_leaves(kafka_broker, consumer_fa
     assert _committed(kafka_broker) == stored
     restart = ConsumerProcess(kafka_broker, consumer.log_path.with_name("restart.log")).start()
     try:
-        _wait(lambda: _counts(project)[0] >= total, 60, "the rest stored after the restart", restart)
+        wait_for(lambda: _counts(project)[0] >= total, 60, "the rest stored after the restart", restart)
         assert _counts(project) == (total, total)
     finally:
         restart.kill()
@@ -220,9 +207,9 @@ def test_a_second_consumer_rebalances_without_losing_or_duplicating(kafka_broker
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), _encoded(_rows(project, "reb", total)))
     # Small batches keep the first busy long enough for the second to join.
     first = consumer_factory("first").start("--batch-size", "40")
-    _wait(lambda: _counts(project)[0] >= 1, 60, "the first consumer at work", first)
+    wait_for(lambda: _counts(project)[0] >= 1, 60, "the first consumer at work", first)
     second = consumer_factory("second").start("--batch-size", "40")
-    _wait(lambda: _counts(project)[0] >= total, 120, "every span stored by the two", second)
+    wait_for(lambda: _counts(project)[0] >= total, 120, "every span stored by the two", second)
     assert "revoked llm.spans.raw" in first.output()  # the group did rebalance
     assert first.terminate() == 0 and second.terminate() == 0
     assert _counts(project) == (total, total)
