@@ -106,13 +106,23 @@ def partitions_drop_expired(*, retention_days: int, today: date | None = None) -
         log.info("dropped partition %s (retention %d days)", name, retention_days)
     # The de-duplication keys of dropped days go too, in bounded batches.
     cutoff_ts = datetime.combine(cutoff, time.min, tzinfo=timezone.utc)
+    delete_batched(
+        "DELETE FROM ingest_spankey WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM ingest_spankey WHERE timestamp_utc < %s LIMIT {DELETE_BATCH}))",
+        [cutoff_ts],
+    )
+    return dropped
+
+
+DELETE_BATCH = 10_000
+
+
+def delete_batched(sql: str, params: list) -> int:
+    """Run a DELETE that removes at most DELETE_BATCH rows, one transaction each, until it removes fewer."""
+    deleted = 0
     while True:
         with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(
-                "DELETE FROM ingest_spankey WHERE ctid = ANY(ARRAY("
-                "SELECT ctid FROM ingest_spankey WHERE timestamp_utc < %s LIMIT 10000))",
-                [cutoff_ts],
-            )
-            if cur.rowcount < 10000:
-                break
-    return dropped
+            cur.execute(sql, params)
+            deleted += cur.rowcount
+            if cur.rowcount < DELETE_BATCH:
+                return deleted

@@ -6,24 +6,12 @@ import logging
 from datetime import date, datetime, time, timedelta, timezone
 
 from django.conf import settings
-from django.db import connection, transaction
 
 from ingest.models import Project
-from ingest.services.partitions import partitions_drop_expired
+from ingest.services.partitions import DELETE_BATCH, delete_batched, partitions_drop_expired
 from ingest.services.rollups import rollups_delete
 
 log = logging.getLogger(__name__)
-BATCH = 10_000
-
-
-def _delete_batched(sql: str, params: list) -> int:
-    deleted = 0
-    while True:
-        with transaction.atomic(), connection.cursor() as cur:
-            cur.execute(sql, params)
-            deleted += cur.rowcount
-            if cur.rowcount < BATCH:
-                return deleted
 
 
 def retention_apply(*, today: date | None = None) -> dict:
@@ -37,14 +25,14 @@ def retention_apply(*, today: date | None = None) -> dict:
                                                                                            "retention_days")
     for project_id, name, days in shorter:
         project_cutoff = datetime.combine(today - timedelta(days=days), time.min, tzinfo=timezone.utc)
-        spans = _delete_batched(
+        spans = delete_batched(
             # By primary key: a ctid is only unique within one partition.
-            "DELETE FROM ingest_span WHERE (project_id, timestamp_utc, span_id) IN (SELECT project_id, "
-            f"timestamp_utc, span_id FROM ingest_span WHERE project_id = %s AND timestamp_utc < %s LIMIT {BATCH})",
+            "DELETE FROM ingest_span WHERE (project_id, timestamp_utc, span_id) IN (SELECT project_id, timestamp_utc, "
+            f"span_id FROM ingest_span WHERE project_id = %s AND timestamp_utc < %s LIMIT {DELETE_BATCH})",
             [project_id, project_cutoff])
-        _delete_batched(
+        delete_batched(
             "DELETE FROM ingest_spankey WHERE ctid = ANY(ARRAY(SELECT ctid FROM ingest_spankey "
-            f"WHERE project_id = %s AND timestamp_utc < %s LIMIT {BATCH}))", [project_id, project_cutoff])
+            f"WHERE project_id = %s AND timestamp_utc < %s LIMIT {DELETE_BATCH}))", [project_id, project_cutoff])
         rollups_delete(before=project_cutoff, project_id=project_id)
         if spans:
             log.info("retention: deleted %d spans of project %s older than %d days", spans, name, days)
