@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench check sdk-patterns
+.PHONY: install run test bench check sdk-patterns vendor
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
@@ -14,16 +14,16 @@ $(STAMP): pyproject.toml sdk/pyproject.toml
 	$(PY) -m pip install --quiet -e ./sdk -e '.[test]'
 	@touch $(STAMP)
 
-# The console's chart library, from npm (package-lock.json pins it), served by the appliance itself.
-VENDOR := console/static/console/vendor/chart.umd.min.js
-$(VENDOR): console/frontend/package.json console/frontend/package-lock.json
-	@command -v npm >/dev/null || { echo "npm (Node.js) is needed once, to fetch the console's chart library"; exit 1; }
+install: $(STAMP)
+
+## Refresh the console's chart library from npm (console/frontend/package-lock.json pins it).
+## The copy under console/static/console/vendor/ is committed, so installing needs no Node.js.
+vendor:
+	@command -v npm >/dev/null || { echo "npm (Node.js) is needed to refresh the console's chart library"; exit 1; }
 	cd console/frontend && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	mkdir -p console/static/console/vendor
-	cp console/frontend/node_modules/chart.js/dist/chart.umd.min.js $(VENDOR)
+	cp console/frontend/node_modules/chart.js/dist/chart.umd.min.js console/static/console/vendor/
 	cp console/frontend/node_modules/chart.js/LICENSE.md console/static/console/vendor/chart.js.LICENSE.md
-
-install: $(STAMP) $(VENDOR)
 
 ## Bring the appliance up on http://127.0.0.1:8000 with embedded PostgreSQL and Valkey (data in ./.data).
 run: install

@@ -280,3 +280,14 @@ def test_admin_try_it_needs_staff(logged_in):
     price = ModelPrice.objects.get(provider="openai", model="gpt-4o")
     response = logged_in.get(f"/admin/ingest/modelprice/{price.pk}/try/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_the_committed_chart_library_is_the_version_package_lock_pins():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    lock = json.loads((root / "console/frontend/package-lock.json").read_text())
+    pinned = lock["packages"]["node_modules/chart.js"]["version"]
+    vendored = (root / "console/static/console/vendor/chart.umd.min.js").read_text()[:200]
+    assert f"Chart.js v{pinned}" in vendored, "run `make vendor` after changing console/frontend/package.json"
