@@ -139,6 +139,10 @@ EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=40
 SEARCH_EF = env_int("SEARCH_EF", 400, minimum=10, maximum=1000)
 # Below this many candidate prompts a filtered search scans them exactly instead of using HNSW.
 SEARCH_EXACT_BELOW = env_int("SEARCH_EXACT_BELOW", 5000, minimum=0)
+# Windows of up to this many UTC days walk the per-day graphs (ef_search SEARCH_DAY_EF each);
+# wider ones the global graph (SEARCH_EF). "The last 7 days" touches 8 UTC days.
+SEARCH_DAY_GRAPHS_MAX_DAYS = env_int("SEARCH_DAY_GRAPHS_MAX_DAYS", 8, minimum=0, maximum=366)
+SEARCH_DAY_EF = env_int("SEARCH_DAY_EF", 40, minimum=10, maximum=1000)
 # Console pages cancel a span query that runs longer than this (e.g. a prompt substring search over weeks).
 CONSOLE_QUERY_TIMEOUT_MS = env_int("CONSOLE_QUERY_TIMEOUT_MS", 5000, minimum=100, maximum=600_000)
 

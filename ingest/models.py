@@ -227,9 +227,9 @@ class SpanKey(models.Model):
 class Embedding(models.Model):
     """One MiniLM vector per distinct prompt of a project (content_key = the spans' prompt_hash).
 
-    Deliberately not partitioned by time: a 30-day search then walks one HNSW graph
-    instead of thirty. Spans point here through prompt_hash; time, service and model
-    filters are applied on the spans (a partial index covers the sampled ones).
+    One HNSW graph over all of time: what a search over a wide window (over
+    SEARCH_DAY_GRAPHS_MAX_DAYS) walks; its time, service and model filters are applied on the
+    spans. Narrow windows use EmbeddingDay. This table is also where a prompt is embedded once.
     """
 
     pk = models.CompositePrimaryKey("project_id", "content_key")
@@ -244,6 +244,31 @@ class Embedding(models.Model):
             HnswIndex(name="ingest_embedding_hnsw", fields=["embedding"], m=24, ef_construction=128,
                       opclasses=["vector_cosine_ops"]),
         ]
+
+
+class EmbeddingDay(models.Model):
+    """A copy of a prompt's vector for each day, service, model and provider it was seen in.
+
+    RANGE-partitioned by `day` like the spans (migration 0007), each partition with its own
+    HNSW graph: a search over a narrow window (a few days) walks only those days' graphs, and
+    its service/model/provider filters are columns of the rows the graphs return. With the one
+    global graph, one service over the last 24 h (under 1 % of the vectors) had too few matches
+    along the walk. Rows are only inserted, never updated (an update would be a new graph entry).
+    Unmanaged: writes go through services.embeddings.
+    """
+
+    pk = models.CompositePrimaryKey("project_id", "day", "content_key", "service_name", "model", "provider")
+    project_id = models.BigIntegerField()
+    day = models.DateField()
+    content_key = models.CharField(max_length=64)
+    service_name = models.CharField(max_length=200, default="")
+    model = models.CharField(max_length=200, default="")
+    provider = models.CharField(max_length=64, default="")
+    embedding = VectorField(dimensions=384)
+
+    class Meta:
+        managed = False
+        db_table = "ingest_embeddingday"
 
 
 class SpanRollup(models.Model):

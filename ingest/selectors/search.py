@@ -1,14 +1,20 @@
 """Similarity search over the embeddings of sampled prompts, scoped to a project.
 
-A filter that leaves few candidate prompts is scanned exactly. Otherwise the HNSW
-index is walked with pgvector's iterative scan and each neighbour, nearest first,
-is joined to its latest span matching the filters: a neighbour without one is
-skipped and the walk goes on, so a filter that rejects most neighbours still yields
-k results, and the spans come from the same statement (with ~30 daily partitions,
-planning a statement that reads ingest_span costs milliseconds). Which path is
-decided on the planner's estimate of the matching spans: counting them would read
-them all (hundreds of ms at 1M spans). A walk that ends short of k prompts (the
-estimate was too high) falls back to the exact scan if that stays cheap.
+Two layouts of the same vectors (see ingest.models.Embedding and EmbeddingDay):
+
+- Narrow windows (up to SEARCH_DAY_GRAPHS_MAX_DAYS UTC days) walk the per-day HNSW graphs of
+  ingest_embeddingday: one Merge Append of the window's day graphs, whose rows carry the
+  service, model and provider, so those filters hold during pgvector's iterative scan. The
+  first k distinct prompts are joined to their latest span matching the filters exactly
+  (rows know only their day: the span check settles the window's edges). A filter the
+  planner estimates to leave few rows is scanned exactly (btree indexes, no graph).
+- Wide windows (and none) walk the one global graph of ingest_embedding: thirty day graphs
+  cost more than one big one. Each neighbour, nearest first, is joined to its latest span
+  matching the filters: a neighbour without one is skipped and the walk goes on, so a filter
+  that rejects most neighbours still yields k results. A filter leaving few spans (the
+  planner's estimate: counting would read them all) is scanned exactly; a walk that ends
+  short of k falls back to the exact scan if that stays cheap.
+
 tests/performance/bench_search.py measures recall and latency at 100k and 1M.
 
 Django's psycopg cursors bind parameters on the client (no server-side prepared
@@ -18,7 +24,7 @@ connection would need prepare_threshold=None for the same reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 import orjson
 from django.conf import settings
@@ -28,17 +34,14 @@ from ingest.selectors.spans import SPAN_FIELDS, SpanFilters
 
 _JSON_FIELDS = ("attempted_models", "matched_patterns", "metadata")
 _FILTER_COLUMNS = (("service", "service_name"), ("model", "model"), ("provider", "provider"))
-# Bound of the HNSW walk, as pgvector's hnsw.max_scan_tuples (default 20,000) bounds an iterative scan.
+# Bound of the global HNSW walk, as pgvector's hnsw.max_scan_tuples (default 20,000) bounds an iterative scan.
 _MAX_WALK = 20_000
 # A walk that ends short of k falls back to the exact scan when at most this many spans are
 # estimated to match (an exact scan of 20k candidates takes ~0.2 s, of 200k ~2 s).
 _EXACT_FALLBACK_BELOW = 20_000
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    content_key: str
-    distance: float
+# The day graphs' walk never reads more than this many rows (a prompt's rows on several days
+# count separately); hnsw.max_scan_tuples bounds each day's iterative scan too.
+_MAX_DAY_WALK = 5_000
 
 
 def _span_conditions(filters: SpanFilters, alias: str) -> tuple[str, list]:
@@ -53,6 +56,24 @@ def _span_conditions(filters: SpanFilters, alias: str) -> tuple[str, list]:
         value = getattr(filters, name)
         if value is not None:
             parts.append(f"{alias}.{column} = %s")
+            params.append(value)
+    return "".join(f" AND {p}" for p in parts), params
+
+
+def _vector_conditions(filters: SpanFilters) -> tuple[str, list]:
+    """The filters on the embedding rows: whole UTC days of the window (pruning partitions), and columns."""
+    parts, params = [], []
+    if filters.start:
+        parts.append("e.day >= %s")
+        params.append(filters.start.astimezone(timezone.utc).date())
+    if filters.end:
+        # `end` is exclusive: a window ending at midnight does not reach into that day.
+        parts.append("e.day <= %s")
+        params.append((filters.end.astimezone(timezone.utc) - timedelta(microseconds=1)).date())
+    for name, column in _FILTER_COLUMNS:
+        value = getattr(filters, name)
+        if value is not None:
+            parts.append(f"e.{column} = %s")
             params.append(value)
     return "".join(f" AND {p}" for p in parts), params
 
@@ -74,7 +95,7 @@ def _estimated_candidates(cur, project_id: int, where: str, params: list) -> flo
     return float(plan[0]["Plan"]["Plan Rows"])
 
 
-def _nearest(*, project_id: int, vector: list[float], k: int, filters: SpanFilters, exclude_key: str | None,
+def _nearest_global(*, project_id: int, vector: list[float], k: int, filters: SpanFilters, exclude_key: str | None,
              fields: tuple[str, ...]) -> list[tuple]:
     """(distance, *fields of the latest span matching the filters) of the k nearest prompts, nearest first."""
     where, params = _span_conditions(filters, "s")
@@ -123,12 +144,75 @@ def _nearest(*, project_id: int, vector: list[float], k: int, filters: SpanFilte
         return cur.fetchall()
 
 
-def nearest_contents(*, project_id: int, vector: list[float], k: int, filters: SpanFilters,
-                     exclude_key: str | None = None) -> list[Neighbour]:
-    """The k nearest distinct prompts with a span matching the filters, nearest first."""
-    rows = _nearest(project_id=project_id, vector=vector, k=k, filters=filters, exclude_key=exclude_key,
-                    fields=("prompt_hash",))
-    return [Neighbour(key, float(d)) for d, key in rows]
+def _estimated_rows(cur, project_id: int, where: str, params: list) -> float:
+    """The planner's estimate of the embedding rows matching the filters (statistics only, no scan)."""
+    cur.execute(f"EXPLAIN (FORMAT JSON) SELECT 1 FROM ingest_embeddingday e WHERE e.project_id = %s{where}",
+                [project_id, *params])
+    plan = cur.fetchone()[0]
+    if isinstance(plan, (str, bytes)):  # Django's psycopg setup hands json back as text on raw cursors
+        plan = orjson.loads(plan)
+    return float(plan[0]["Plan"]["Plan Rows"])
+
+
+def _nearest_days(*, project_id: int, vector: list[float], k: int, filters: SpanFilters, exclude_key: str | None,
+             fields: tuple[str, ...]) -> list[tuple]:
+    """_nearest over the day graphs of a narrow window."""
+    vector_where, vector_params = _vector_conditions(filters)
+    span_where, span_params = _span_conditions(filters, "s")
+    if exclude_key:
+        vector_where += " AND e.content_key <> %s"
+        vector_params.append(exclude_key)
+    columns = ", ".join(f"s.{f}" for f in fields)
+    with transaction.atomic(), connection.cursor() as cur:
+        exact = bool(vector_params) and _estimated_rows(cur, project_id, vector_where,
+                                                        vector_params) <= settings.SEARCH_EXACT_BELOW
+        if exact:
+            # Without index scans the HNSW graphs are out of play; bitmap scans of the btrees stay.
+            cur.execute("SET LOCAL enable_indexscan = off")
+        else:
+            cur.execute("SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true)",
+                        [str(max(settings.SEARCH_DAY_EF, k)), "relaxed_order"])
+        # A prompt has a row per day (and service/model) it was seen: read a few rows per wanted
+        # prompt, more if they were mostly copies of the same prompts or had no span in the window.
+        # The exact scan computes every distance anyway: it keeps the largest number at once.
+        walk = _MAX_DAY_WALK if exact else 4 * k
+        while True:
+            cur.execute(
+                f"""WITH w AS MATERIALIZED (
+                        SELECT e.content_key, e.day, e.embedding <=> %s::vector AS d FROM ingest_embeddingday e
+                        WHERE e.project_id = %s{vector_where} ORDER BY d LIMIT %s),
+                    c AS (SELECT content_key, min(d) AS d, min(day) AS first_day, max(day) AS last_day
+                          FROM w GROUP BY content_key ORDER BY 2)
+                    SELECT c.d, {columns}, (SELECT count(*) FROM w) FROM c
+                    CROSS JOIN LATERAL (
+                        SELECT * FROM ingest_span s WHERE s.project_id = %s AND s.prompt_hash = c.content_key
+                        AND s.timestamp_utc >= c.first_day::timestamp AT TIME ZONE 'UTC'
+                        AND s.timestamp_utc < (c.last_day + 1)::timestamp AT TIME ZONE 'UTC'{span_where}
+                        ORDER BY s.timestamp_utc DESC LIMIT 1) s
+                    ORDER BY c.d LIMIT %s""",
+                [_literal(vector), project_id, *vector_params, walk, project_id, *span_params, k],
+            )
+            rows = cur.fetchall()
+            walked = rows[0][-1] if rows else walk
+            if len(rows) >= k or walked < walk or walk >= _MAX_DAY_WALK:
+                return [row[:-1] for row in rows]
+            walk = min(_MAX_DAY_WALK, walk * 8)
+
+
+def _window_days(filters: SpanFilters) -> int | None:
+    """How many UTC days the window touches (None: no start, i.e. all of time)."""
+    if filters.start is None:
+        return None
+    end = (filters.end or datetime.now(timezone.utc)).astimezone(timezone.utc) - timedelta(microseconds=1)
+    return max(1, (end.date() - filters.start.astimezone(timezone.utc).date()).days + 1)
+
+
+def _nearest(*, project_id: int, vector: list[float], k: int, filters: SpanFilters, exclude_key: str | None,
+             fields: tuple[str, ...]) -> list[tuple]:
+    """(distance, *fields of the latest span matching the filters) of the k nearest prompts, nearest first."""
+    days = _window_days(filters)
+    nearest = _nearest_days if days is not None and days <= settings.SEARCH_DAY_GRAPHS_MAX_DAYS else _nearest_global
+    return nearest(project_id=project_id, vector=vector, k=k, filters=filters, exclude_key=exclude_key, fields=fields)
 
 
 def similar_spans(*, project_id: int, vector: list[float], k: int, filters: SpanFilters,

@@ -18,12 +18,16 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+import orjson
 from django.conf import settings
 from django.db import connection, transaction
+
+from ingest.services.partitions import partitions_ensure
 
 log = logging.getLogger(__name__)
 
 DIMENSIONS = 384
+MODEL_NAME = "all-MiniLM-L6-v2"
 _lock = threading.Lock()
 _model = None
 
@@ -90,36 +94,66 @@ def embed_texts(texts: list[str]) -> list[list[float]]:
     return vectors.tolist()
 
 
+# One row per (day, prompt, service, model, provider) of the sampled, PII-free spans in a window.
+_OCCURRENCES_SQL = """
+    SELECT (timestamp_utc AT TIME ZONE 'UTC')::date, prompt_hash, coalesce(service_name, ''), coalesce(model, ''),
+           coalesce(provider, '')
+    FROM ingest_span
+    WHERE project_id = %s AND prompt_hash = ANY(%s) AND timestamp_utc >= %s AND timestamp_utc <= %s
+      AND prompt IS NOT NULL AND NOT pii_detected
+    GROUP BY 1, 2, 3, 4, 5"""
+
+_INSERT_SQL = """
+    INSERT INTO ingest_embedding (project_id, content_key, embedding, model_name, created_at)
+    SELECT %s, x.k, x.v::vector, %s, now() FROM jsonb_to_recordset(%s::jsonb) AS x(k text, v text)
+    ON CONFLICT DO NOTHING"""
+
+# The days' copies come from the global row: the vector is not shipped twice.
+_INSERT_DAYS_SQL = """
+    INSERT INTO ingest_embeddingday (project_id, day, content_key, service_name, model, provider, embedding)
+    SELECT e.project_id, x.d, x.k, x.s, x.m, x.p, e.embedding
+    FROM jsonb_to_recordset(%s::jsonb) AS x(d date, k text, s text, m text, p text)
+    JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = x.k
+    ON CONFLICT DO NOTHING"""
+
+
 def embeddings_compute(*, project_id: int, content_keys: list[str], start: datetime, end: datetime) -> int:
-    """Embed the prompts behind these keys that have no embedding yet; returns how many were made."""
-    with connection.cursor() as cur:
-        cur.execute(
-            "SELECT content_key FROM ingest_embedding WHERE project_id = %s AND content_key = ANY(%s)",
-            [project_id, content_keys],
-        )
-        done = {row[0] for row in cur.fetchall()}
-        wanted = [key for key in dict.fromkeys(content_keys) if key not in done]
-        if not wanted:
-            return 0
-        # One prompt per key; the time bounds let PostgreSQL prune partitions.
-        cur.execute(
-            "SELECT DISTINCT ON (prompt_hash) prompt_hash, prompt FROM ingest_span "
-            "WHERE project_id = %s AND prompt_hash = ANY(%s) AND timestamp_utc >= %s AND timestamp_utc <= %s "
-            "AND prompt IS NOT NULL AND NOT pii_detected",
-            [project_id, wanted, start, end],
-        )
-        found = cur.fetchall()
-    if not found:
+    """Embed the sampled prompts behind these keys that have no vector yet, then record the vector for
+    every day, service, model and provider their spans between start and end were seen in.
+    Returns how many prompts were embedded (a prompt is embedded once, whatever its days)."""
+    keys = sorted(set(content_keys))
+    if not keys:
         return 0
-    vectors = embed_texts([prompt for _, prompt in found])
-    model = load_model()
-    with transaction.atomic(), connection.cursor() as cur:
-        for (key, _), vector in zip(found, vectors):
+    with connection.cursor() as cur:
+        cur.execute(_OCCURRENCES_SQL, [project_id, keys, start, end])
+        occurrences = sorted(cur.fetchall())  # key order: concurrent workers do not deadlock
+        if not occurrences:
+            return 0
+        seen = sorted({key for _, key, *_ in occurrences})
+        cur.execute("SELECT content_key FROM ingest_embedding WHERE project_id = %s AND content_key = ANY(%s)",
+                    [project_id, seen])
+        done = {row[0] for row in cur.fetchall()}
+        found = []
+        missing = [key for key in seen if key not in done]
+        if missing:
+            # One prompt per key; the time bounds let PostgreSQL prune partitions.
             cur.execute(
-                "INSERT INTO ingest_embedding (project_id, content_key, embedding, model_name, created_at) "
-                "VALUES (%s, %s, %s::vector, %s, now()) ON CONFLICT DO NOTHING",
-                [project_id, key, _vector_literal(vector), model.name],
+                "SELECT DISTINCT ON (prompt_hash) prompt_hash, prompt FROM ingest_span "
+                "WHERE project_id = %s AND prompt_hash = ANY(%s) AND timestamp_utc >= %s AND timestamp_utc <= %s "
+                "AND prompt IS NOT NULL AND NOT pii_detected",
+                [project_id, missing, start, end],
             )
+            found = cur.fetchall()
+    if found:
+        vectors = embed_texts([prompt for _, prompt in found])
+        payload = orjson.dumps([{"k": key, "v": _vector_literal(vector)} for (key, _), vector in zip(found, vectors)])
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute(_INSERT_SQL, [project_id, MODEL_NAME, payload.decode()])
+    partitions_ensure(days={day for day, *_ in occurrences})
+    payload = orjson.dumps([{"d": day.isoformat(), "k": key, "s": service, "m": model, "p": provider}
+                            for day, key, service, model, provider in occurrences])
+    with transaction.atomic(), connection.cursor() as cur:
+        cur.execute(_INSERT_DAYS_SQL, [payload.decode(), project_id])
     return len(found)
 
 
@@ -152,14 +186,18 @@ def embeddings_enqueue(*, rows: list[dict]) -> None:
 
 
 def embeddings_backfill(*, hours: int) -> int:
-    """Embed sampled prompts of the last hours that have no embedding (bounded per run)."""
+    """Store the vectors of the last hours' sampled prompts that have none for their day, service,
+    model and provider (their task was lost, e.g. the broker was down at commit time)."""
     made = 0
     with connection.cursor() as cur:
         cur.execute(
             "SELECT s.project_id, array_agg(DISTINCT s.prompt_hash), min(s.timestamp_utc), max(s.timestamp_utc) "
-            "FROM ingest_span s WHERE s.prompt_hash IS NOT NULL AND s.timestamp_utc >= now() - make_interval(hours => %s) "
-            "AND NOT EXISTS (SELECT 1 FROM ingest_embedding e WHERE e.project_id = s.project_id "
-            "AND e.content_key = s.prompt_hash) GROUP BY s.project_id",
+            "FROM ingest_span s WHERE s.prompt_hash IS NOT NULL AND s.prompt IS NOT NULL AND NOT s.pii_detected "
+            "AND s.timestamp_utc >= now() - make_interval(hours => %s) "
+            "AND NOT EXISTS (SELECT 1 FROM ingest_embeddingday e WHERE e.project_id = s.project_id "
+            "AND e.day = (s.timestamp_utc AT TIME ZONE 'UTC')::date AND e.content_key = s.prompt_hash "
+            "AND e.service_name = coalesce(s.service_name, '') AND e.model = coalesce(s.model, '') "
+            "AND e.provider = coalesce(s.provider, '')) GROUP BY s.project_id",
             [hours],
         )
         pending = cur.fetchall()

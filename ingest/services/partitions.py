@@ -1,4 +1,6 @@
-"""Daily RANGE partitions of ingest_span: created on demand, ahead of time, dropped past retention."""
+"""Daily RANGE partitions of ingest_span and ingest_embeddingday: created on demand, ahead of
+time, dropped past retention. A day always has both (the embedding partition of a day holds the
+vectors of that day's sampled prompts), created and dropped together."""
 
 from __future__ import annotations
 
@@ -13,32 +15,42 @@ from django.db import connection, transaction
 log = logging.getLogger(__name__)
 
 PARENT = "ingest_span"
-_NAME = re.compile(r"^ingest_span_p(\d{8})$")
+# Partitioned by day: the span table on timestamp_utc, the embedding table on its `day` column.
+PARENTS = ("ingest_span", "ingest_embeddingday")
+_NAME = re.compile(r"^(ingest_span|ingest_embeddingday)_p(\d{8})$")
 _known: set[date] = set()
 _known_lock = threading.Lock()
 
 
-def partition_name(day: date) -> str:
-    return f"{PARENT}_p{day:%Y%m%d}"
+def partition_name(day: date, parent: str = PARENT) -> str:
+    return f"{parent}_p{day:%Y%m%d}"
 
 
-def _bounds(day: date) -> tuple[datetime, datetime]:
+def _bounds(day: date, parent: str) -> tuple[datetime | date, datetime | date]:
+    if parent == "ingest_embeddingday":
+        return day, day + timedelta(days=1)
     start = datetime.combine(day, time.min, tzinfo=timezone.utc)
     return start, start + timedelta(days=1)
 
 
-def _existing(cur) -> set[date]:
+def _existing_by_parent(cur) -> dict[str, set[date]]:
     cur.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = %s",
-        [PARENT],
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = ANY(%s)",
+        [list(PARENTS)],
     )
-    days = set()
+    found: dict[str, set[date]] = {parent: set() for parent in PARENTS}
     for (name,) in cur.fetchall():
         match = _NAME.match(name)
         if match:
-            days.add(datetime.strptime(match.group(1), "%Y%m%d").date())
-    return days
+            found[match.group(1)].add(datetime.strptime(match.group(2), "%Y%m%d").date())
+    return found
+
+
+def _existing(cur) -> set[date]:
+    """Days that have a partition in every partitioned table."""
+    found = _existing_by_parent(cur)
+    return set.intersection(*found.values())
 
 
 def partitions_ensure(*, days: set[date]) -> list[date]:
@@ -56,18 +68,23 @@ def partitions_ensure(*, days: set[date]) -> list[date]:
         existing = _existing(cur)
     for day in sorted(missing):
         if day not in existing:
-            start, end = _bounds(day)
-            name = partition_name(day)
             with transaction.atomic(), connection.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(name.encode())])
-                cur.execute("SELECT to_regclass(%s)", [name])
-                if cur.fetchone()[0] is None:
-                    cur.execute(
-                        f'CREATE TABLE "{name}" PARTITION OF "{PARENT}" FOR VALUES FROM (%s) TO (%s)',
-                        [start, end],
-                    )
+                # One lock per day (the span partition's name), both tables in one transaction.
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(partition_name(day).encode())])
+                made = False
+                for parent in PARENTS:
+                    name = partition_name(day, parent)
+                    cur.execute("SELECT to_regclass(%s)", [name])
+                    if cur.fetchone()[0] is None:
+                        start, end = _bounds(day, parent)
+                        cur.execute(
+                            f'CREATE TABLE "{name}" PARTITION OF "{parent}" FOR VALUES FROM (%s) TO (%s)',
+                            [start, end],
+                        )
+                        made = True
+                        log.info("created partition %s", name)
+                if made:
                     created.append(day)
-                    log.info("created partition %s", name)
         with _known_lock:
             _known.add(day)
     return created
@@ -84,8 +101,9 @@ def partitions_create_ahead(*, today: date | None = None, days_ahead: int) -> li
 
 
 def partitions_list() -> list[date]:
+    """Days with a partition in any partitioned table."""
     with connection.cursor() as cur:
-        return sorted(_existing(cur))
+        return sorted(set.union(*_existing_by_parent(cur).values()))
 
 
 def partitions_drop_expired(*, retention_days: int, today: date | None = None) -> list[date]:
@@ -96,14 +114,25 @@ def partitions_drop_expired(*, retention_days: int, today: date | None = None) -
     for day in partitions_list():
         if day >= cutoff:
             continue
-        name = partition_name(day)
         with transaction.atomic(), connection.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(name.encode())])
-            cur.execute(f'DROP TABLE IF EXISTS "{name}"')
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", [zlib.crc32(partition_name(day).encode())])
+            vectors = partition_name(day, "ingest_embeddingday")
+            cur.execute("SELECT to_regclass(%s)", [vectors])
+            if cur.fetchone()[0] is not None:
+                # A prompt seen on no other day loses its global vector too.
+                cur.execute(
+                    f'DELETE FROM ingest_embedding e USING (SELECT DISTINCT project_id, content_key FROM "{vectors}") k '
+                    "WHERE e.project_id = k.project_id AND e.content_key = k.content_key AND NOT EXISTS ("
+                    "SELECT 1 FROM ingest_embeddingday d WHERE d.project_id = k.project_id "
+                    "AND d.content_key = k.content_key AND d.day <> %s)",
+                    [day],
+                )
+            for parent in PARENTS:
+                cur.execute(f'DROP TABLE IF EXISTS "{partition_name(day, parent)}"')
         dropped.append(day)
         with _known_lock:
             _known.discard(day)
-        log.info("dropped partition %s (retention %d days)", name, retention_days)
+        log.info("dropped the partitions of %s (retention %d days)", day, retention_days)
     # The de-duplication keys of dropped days go too, in bounded batches.
     cutoff_ts = datetime.combine(cutoff, time.min, tzinfo=timezone.utc)
     delete_batched(

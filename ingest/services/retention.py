@@ -6,6 +6,7 @@ import logging
 from datetime import date, datetime, time, timedelta, timezone
 
 from django.conf import settings
+from django.db import connection, transaction
 
 from ingest.models import Project
 from ingest.services.partitions import DELETE_BATCH, delete_batched, partitions_drop_expired
@@ -33,6 +34,18 @@ def retention_apply(*, today: date | None = None) -> dict:
         delete_batched(
             "DELETE FROM ingest_spankey WHERE ctid = ANY(ARRAY(SELECT ctid FROM ingest_spankey "
             f"WHERE project_id = %s AND timestamp_utc < %s LIMIT {DELETE_BATCH}))", [project_id, project_cutoff])
+        # Prompts seen only before the cutoff lose their global vector, then the days' copies go.
+        with transaction.atomic(), connection.cursor() as cur:
+            cur.execute(
+                "DELETE FROM ingest_embedding e USING (SELECT DISTINCT content_key FROM ingest_embeddingday "
+                "WHERE project_id = %s AND day < %s) k WHERE e.project_id = %s AND e.content_key = k.content_key "
+                "AND NOT EXISTS (SELECT 1 FROM ingest_embeddingday d WHERE d.project_id = %s "
+                "AND d.content_key = k.content_key AND d.day >= %s)",
+                [project_id, project_cutoff.date(), project_id, project_id, project_cutoff.date()])
+        delete_batched(
+            "DELETE FROM ingest_embeddingday WHERE (project_id, day, content_key, service_name, model, provider) IN ("
+            "SELECT project_id, day, content_key, service_name, model, provider FROM ingest_embeddingday "
+            f"WHERE project_id = %s AND day < %s LIMIT {DELETE_BATCH})", [project_id, project_cutoff.date()])
         rollups_delete(before=project_cutoff, project_id=project_id)
         if spans:
             log.info("retention: deleted %d spans of project %s older than %d days", spans, name, days)

@@ -205,20 +205,33 @@ def test_similar_page_reports_a_span_without_embedding(logged_in, project):
     assert missing.status_code == 200 and "no such span" in missing.content.decode()
 
 
-def test_per_project_retention_deletes_older_spans_and_rollups(db, project, other_project):
-    from ingest.models import Span, SpanRollup
+def test_per_project_retention_deletes_older_spans_rollups_and_embeddings(db, project, other_project):
+    from ingest.models import Embedding, EmbeddingDay, Span, SpanRollup
+    from ingest.services.embeddings import embeddings_compute
     from ingest.services.retention import retention_apply
 
-    old = datetime.now(timezone.utc) - timedelta(days=10)
-    make_spans(project, 3, start=old)
-    make_spans(project, 2)
-    make_spans(other_project, 3, start=old)
+    now = datetime.now(timezone.utc)
+    old = now - timedelta(days=10)
+    for p in (project, other_project):
+        p.sampling_rate = 100
+        p.save()
+    rows = make_spans(project, 3, start=old) + make_spans(project, 2)  # prompts 0, 1, 2 then 0, 1
+    rows_other = make_spans(other_project, 3, start=old)
+    for p, stored in ((project, rows), (other_project, rows_other)):
+        embeddings_compute(project_id=p.id, content_keys=[r["prompt_hash"] for r in stored], start=old, end=now)
+    assert Embedding.objects.filter(project_id=project.id).count() == 3  # question number 0, 1, 2
+    assert EmbeddingDay.objects.filter(project_id=project.id).count() == 5
     project.retention_days = 7
     project.save()
     retention_apply()
     assert Span.objects.filter(project=project).count() == 2
     assert Span.objects.filter(project=other_project).count() == 3
     assert sum(SpanRollup.objects.filter(project=project).values_list("spans", flat=True)) == 2
+    # The old day's copies are gone; the global vector stays for the prompts still seen (0, 1), not for 2.
+    assert EmbeddingDay.objects.filter(project_id=project.id).count() == 2
+    assert Embedding.objects.filter(project_id=project.id).count() == 2
+    assert Embedding.objects.filter(project_id=other_project.id).count() == 3
+    assert EmbeddingDay.objects.filter(project_id=other_project.id).count() == 3
 
 
 def test_rollup_rebuild_matches_incremental_rollups(db, project):

@@ -159,5 +159,8 @@ def test_maintain_partitions_keeps_the_partition_at_the_retention_edge(db, setti
     from django.db import connection
 
     with connection.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", [partition_name(past_edge)])
-        assert cur.fetchone()[0] is None
+        # A day's span and embedding partitions go (and stay) together.
+        for parent in ("ingest_span", "ingest_embeddingday"):
+            cur.execute("SELECT to_regclass(%s), to_regclass(%s)",
+                        [partition_name(past_edge, parent), partition_name(edge, parent)])
+            assert cur.fetchone() == (None, partition_name(edge, parent))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from ingest.models import Embedding, Span
+from ingest.models import Embedding, EmbeddingDay, Span
 from ingest.services.embeddings import embed_texts, embeddings_compute
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,10 @@ def indexed(api, project):
     made = embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=1), end=now)
     assert made == len(PROMPTS)  # the repeated prompt is embedded once, the PII one never
     assert Embedding.objects.count() == len(PROMPTS)
+    # A copy per day/service/model/provider a prompt was seen in (the hours above may cross midnight).
+    occurrences = set(Span.objects.filter(prompt_hash__isnull=False).values_list(
+        "timestamp_utc__date", "prompt_hash", "service_name", "model", "provider"))
+    assert EmbeddingDay.objects.count() == len(occurrences)
     return api
 
 
@@ -105,6 +109,72 @@ def test_selective_filter_is_scanned_exactly_and_a_short_hnsw_walk_falls_back_to
     assert search(10) == (["python", "sql"], True, True)
 
 
+def test_a_narrow_window_walks_the_day_graphs_or_scans_them_exactly(indexed, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    start = (datetime.now(timezone.utc) - timedelta(hours=30)).isoformat()
+
+    def search(k, **filters):
+        with CaptureQueriesContext(connection) as queries:
+            found = ids(indexed.post("/v1/search/similar", {"text": "sea poem", "k": k, "from": start, **filters}))
+        sql = " ".join(q["sql"] for q in queries.captured_queries)
+        path = ("day-exact" if "enable_indexscan = off" in sql else "day-hnsw" if "ingest_embeddingday" in sql
+                and "hnsw.ef_search" in sql else "global")
+        return sorted(found), path
+
+    assert search(10, service="coding") == (["python", "sql"], "day-exact")
+    settings.SEARCH_EXACT_BELOW = 0
+    assert search(2, service="coding") == (["python", "sql"], "day-hnsw")
+    # k=10 but only two prompts match: the day graphs' iterative scans run dry and answer the two.
+    assert search(10, service="coding") == (["python", "sql"], "day-hnsw")
+    assert search(10)[0] == sorted(["python", "sql", "poem", "weather", "refund-2", "refund-1-again"])
+    settings.SEARCH_DAY_GRAPHS_MAX_DAYS = 1  # the 30 hours touch two UTC days: the global graph answers
+    assert search(10, service="coding") == (["python", "sql"], "global")
+
+
+def test_a_prompt_seen_on_several_days_and_services_is_embedded_once_and_found_by_each(api, project):
+    from ingest.services.partitions import partition_name
+
+    project.sampling_rate = 100
+    project.save()
+    now = datetime.now(timezone.utc)
+    days_ago = lambda d: (now - timedelta(days=d)).isoformat()  # noqa: E731
+    text = "How do I cancel my subscription and get a refund?"
+    spans = [{"span_id": "old-support", "service_name": "support", "prompt": text, "timestamp_utc": days_ago(3)},
+             {"span_id": "old-billing", "service_name": "billing", "prompt": text, "timestamp_utc": days_ago(3)},
+             {"span_id": "new-support", "service_name": "support", "prompt": text, "timestamp_utc": days_ago(0)},
+             {"span_id": "other", "service_name": "support", "prompt": "Tell me a joke about cats",
+              "timestamp_utc": days_ago(3)}]
+    assert api.post("/v1/spans", spans).status_code == 202
+    keys = list(Span.objects.values_list("prompt_hash", flat=True))
+    assert embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=4), end=now) == 2
+    assert Embedding.objects.count() == 2
+    key = Span.objects.get(span_id="old-support").prompt_hash
+    rows = set(EmbeddingDay.objects.filter(content_key=key).values_list("day", "service_name"))
+    old_day, new_day = (now - timedelta(days=3)).date(), now.date()
+    assert rows == {(old_day, "support"), (old_day, "billing"), (new_day, "support")}
+    with connection.cursor() as cur:  # each row lives in its day's partition
+        cur.execute("SELECT tableoid::regclass::text, day FROM ingest_embeddingday")
+        assert all(table == partition_name(day, "ingest_embeddingday") for table, day in cur.fetchall())
+    # Computing again (a retried task) stores and embeds nothing new.
+    assert embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=4), end=now) == 0
+    assert (Embedding.objects.count(), EmbeddingDay.objects.count()) == (2, 4)
+
+    def search(**filters):
+        return ids(api.post("/v1/search/similar", {"text": "cancel my plan and refund me", "k": 1, **filters}))
+
+    assert search() == ["new-support"]  # the latest span of the prompt
+    assert search(service="billing") == ["old-billing"]
+    window = {"from": days_ago(4), "to": days_ago(2)}
+    assert search(**window, service="support") == ["old-support"]
+    # The window's edges are exact, not whole days: an hour after the old spans finds none of them.
+    after = lambda minutes: (now - timedelta(days=3) + timedelta(minutes=minutes)).isoformat()  # noqa: E731
+    assert ids(api.post("/v1/search/similar", {"text": "cancel my plan", "k": 5, "from": after(1), "to": after(60)})) == []
+    assert sorted(ids(api.post("/v1/search/similar", {"text": "cancel my plan", "k": 5, "from": after(-1),
+                                                       "to": after(1)}))) == ["old-billing", "other"]
+
+
 def test_search_by_span_excludes_its_own_prompt(indexed):
     found = ids(indexed.post("/v1/search/similar", {"span_id": "refund-2", "k": 2}))
     assert found[0] == "refund-1-again" and "refund-2" not in found
@@ -145,10 +215,11 @@ def test_a_real_worker_embeds_committed_spans_once(api, project, settings):
                  for i in range(10)]
         assert api.post("/v1/spans", spans).status_code == 202
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and Embedding.objects.count() < 6:
+        while time.monotonic() < deadline and (Embedding.objects.count() < 6 or EmbeddingDay.objects.count() < 6):
             assert worker.poll() is None, worker.stdout.read()
             time.sleep(0.5)
         assert Embedding.objects.count() == 6  # 5 unique prompts + the repeated one once
+        assert EmbeddingDay.objects.count() == 6  # all on one day, service, model
     finally:
         worker.terminate()
         worker.wait(timeout=30)
