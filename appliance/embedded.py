@@ -19,6 +19,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import re
 import pwd
 import secrets
 import shutil
@@ -234,7 +235,7 @@ class EmbeddedPostgres:
         self.log_file.touch()
         self._chown(self.log_file)
         result = self._run(["pg_ctl", "start", "-D", str(self.pgdata), "-l", str(self.log_file),
-                            "-w", "-t", "120", "-o", f"-p {port}"])
+                            "-w", "-t", "120", "-o", f"-p {port} -c shared_buffers={shared_buffers()}"])
         if result.returncode != 0:
             tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
             raise ConfigError(f"the embedded PostgreSQL did not start:\n{result.stderr.strip()}\n{tail}")
@@ -261,6 +262,25 @@ class EmbeddedPostgres:
         result = self._run(["pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60"])
         if result.returncode != 0 and self.running_port() is not None:
             print(f"llm-observe: stopping the embedded PostgreSQL failed: {result.stderr.strip()}", file=sys.stderr)
+
+
+def shared_buffers() -> str:
+    """EMBEDDED_PG_SHARED_BUFFERS, or a quarter of the machine's memory between 128MB and 8GB.
+
+    The HNSW graphs must stay in PostgreSQL's buffers: at 1M embeddings each graph is ~2 GB,
+    and with the old fixed 256MB a similarity search paid for page copies from the OS cache
+    (p50 ~35 ms instead of ~15 ms in tests/performance/bench_search.py). Memory is only taken
+    as pages are used."""
+    configured = os.environ.get("EMBEDDED_PG_SHARED_BUFFERS", "").strip()
+    if configured:
+        if not re.fullmatch(r"\d+(kB|MB|GB)", configured):
+            raise ConfigError(f"EMBEDDED_PG_SHARED_BUFFERS={configured!r}: give a size such as 512MB or 4GB")
+        return configured
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return "256MB"
+    return f"{min(8192, max(128, total // 4 // 2**20))}MB"
 
 
 class EmbeddedValkey:

@@ -128,3 +128,22 @@ def test_generated_secret_key_is_kept_across_starts(tmp_path):
     assert len(first.stdout.strip()) >= 50 and first.stdout == second.stdout
     key_file = tmp_path / "data" / "secrets" / "secret_key"
     assert key_file.exists() and oct(key_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_embedded_postgres_shared_buffers_default_and_override(monkeypatch, db):
+    from django.db import connection
+
+    from appliance.embedded import ConfigError, shared_buffers
+
+    monkeypatch.delenv("EMBEDDED_PG_SHARED_BUFFERS", raising=False)
+    default = shared_buffers()
+    megabytes = int(default.removesuffix("MB"))
+    assert 128 <= megabytes <= 8192
+    with connection.cursor() as cur:  # the server the tests run on was started with it
+        cur.execute("SELECT setting::bigint * 8192 / 1048576 FROM pg_settings WHERE name = 'shared_buffers'")
+        assert cur.fetchone()[0] == megabytes
+    monkeypatch.setenv("EMBEDDED_PG_SHARED_BUFFERS", "2GB")
+    assert shared_buffers() == "2GB"
+    monkeypatch.setenv("EMBEDDED_PG_SHARED_BUFFERS", "lots")
+    with pytest.raises(ConfigError, match="EMBEDDED_PG_SHARED_BUFFERS"):
+        shared_buffers()
