@@ -271,6 +271,26 @@ class EmbeddingDay(models.Model):
         db_table = "ingest_embeddingday"
 
 
+class EmbeddingFacet(models.Model):
+    """A service, model and provider an embedded prompt was seen with (migration 0008).
+
+    Lets a walk of the global graph reject neighbours of other services with one index probe;
+    the spans still decide exactly. Deleted with the prompt's global vector (a trigger, migration 0008).
+    Unmanaged: written by services.embeddings.
+    """
+
+    pk = models.CompositePrimaryKey("project_id", "content_key", "service_name", "model", "provider")
+    project_id = models.BigIntegerField()
+    content_key = models.CharField(max_length=64)
+    service_name = models.CharField(max_length=200, default="")
+    model = models.CharField(max_length=200, default="")
+    provider = models.CharField(max_length=64, default="")
+
+    class Meta:
+        managed = False
+        db_table = "ingest_embeddingfacet"
+
+
 class SpanRollup(models.Model):
     """Hourly sums of spans per service/model/provider, written in the ingest transaction.
 

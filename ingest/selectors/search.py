@@ -99,7 +99,14 @@ def _nearest_global(*, project_id: int, vector: list[float], k: int, filters: Sp
              fields: tuple[str, ...]) -> list[tuple]:
     """(distance, *fields of the latest span matching the filters) of the k nearest prompts, nearest first."""
     where, params = _span_conditions(filters, "s")
-    exclude_sql, exclude_params = ("AND e.content_key <> %s", [exclude_key]) if exclude_key else ("", [])
+    prompt_sql, prompt_params = ("AND e.content_key <> %s", [exclude_key]) if exclude_key else ("", [])
+    # A neighbour never seen with the filtered service/model/provider is rejected during the walk
+    # with one probe, instead of a probe per daily span partition; the spans still decide exactly.
+    facets = [(column, getattr(filters, name)) for name, column in _FILTER_COLUMNS if getattr(filters, name) is not None]
+    if facets:
+        prompt_sql += (" AND EXISTS (SELECT 1 FROM ingest_embeddingfacet f WHERE f.project_id = e.project_id "
+                        "AND f.content_key = e.content_key" + "".join(f" AND f.{c} = %s" for c, _ in facets) + ")")
+        prompt_params = [*prompt_params, *(value for _, value in facets)]
     q = _literal(vector)
     columns = ", ".join(f"s.{f}" for f in fields)
     # Newest first over daily partitions: the scan stops at the first partition holding the prompt.
@@ -117,11 +124,11 @@ def _nearest_global(*, project_id: int, vector: list[float], k: int, filters: Sp
                 f"""WITH r AS MATERIALIZED (
                         SELECT c.d, {columns} FROM (
                             SELECT e.content_key, e.embedding <=> %s::vector AS d FROM ingest_embedding e
-                            WHERE e.project_id = %s {exclude_sql} ORDER BY d LIMIT %s) c
+                            WHERE e.project_id = %s {prompt_sql} ORDER BY d LIMIT %s) c
                         {latest}
                         LIMIT %s)
                     SELECT * FROM r ORDER BY d""",
-                [q, project_id, *exclude_params, _MAX_WALK, project_id, *params, k],
+                [q, project_id, *prompt_params, _MAX_WALK, project_id, *params, k],
             )
             rows = cur.fetchall()
             # Short of k: the walk found fewer matching prompts than estimated (e.g. many spans of few
@@ -136,10 +143,10 @@ def _nearest_global(*, project_id: int, vector: list[float], k: int, filters: Sp
                 c AS MATERIALIZED (
                     SELECT e.content_key, e.embedding <=> %s::vector AS d
                     FROM keys JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = keys.key
-                    WHERE true {exclude_sql}
+                    WHERE true {prompt_sql}
                     ORDER BY d LIMIT %s)
                 SELECT c.d, {columns} FROM c {latest} ORDER BY c.d""",
-            [project_id, *params, q, project_id, *exclude_params, k, project_id, *params],
+            [project_id, *params, q, project_id, *prompt_params, k, project_id, *params],
         )
         return cur.fetchall()
 

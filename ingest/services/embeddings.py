@@ -116,6 +116,15 @@ _INSERT_DAYS_SQL = """
     JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = x.k
     ON CONFLICT DO NOTHING"""
 
+# The services, models and providers of each embedded prompt (filters of a walk of the global graph).
+_INSERT_FACETS_SQL = """
+    INSERT INTO ingest_embeddingfacet (project_id, content_key, service_name, model, provider)
+    SELECT DISTINCT e.project_id, x.k, x.s, x.m, x.p
+    FROM jsonb_to_recordset(%s::jsonb) AS x(k text, s text, m text, p text)
+    JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = x.k
+    ORDER BY 1, 2, 3, 4, 5
+    ON CONFLICT DO NOTHING"""
+
 
 def embeddings_compute(*, project_id: int, content_keys: list[str], start: datetime, end: datetime) -> int:
     """Embed the sampled prompts behind these keys that have no vector yet, then record the vector for
@@ -154,6 +163,7 @@ def embeddings_compute(*, project_id: int, content_keys: list[str], start: datet
                             for day, key, service, model, provider in occurrences])
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(_INSERT_DAYS_SQL, [payload.decode(), project_id])
+        cur.execute(_INSERT_FACETS_SQL, [payload.decode(), project_id])
     return len(found)
 
 

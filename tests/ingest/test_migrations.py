@@ -1,4 +1,5 @@
-"""Upgrades keep data: migration 0007 gives the embeddings of an existing installation their day copies."""
+"""Upgrades keep data: migrations 0007/0008 give the embeddings of an existing installation their day
+copies and facets."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def test_0007_copies_each_prompt_vector_to_its_days_services_and_models(at_0006,
             cur.execute("INSERT INTO ingest_embedding (project_id, content_key, embedding, model_name, created_at) "
                         "VALUES (%s, %s, %s::vector, 'all-MiniLM-L6-v2', now())", [project.id, key, vector])
 
-    _migrate("0007_embeddings_by_day")
+    _migrate("0008_embedding_facets")
 
     with connection.cursor() as cur:
         cur.execute("SELECT tableoid::regclass::text, day, content_key, service_name, model, provider, "
@@ -58,6 +59,8 @@ def test_0007_copies_each_prompt_vector_to_its_days_services_and_models(at_0006,
         cur.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'ingest_embeddingday_p20261120' "
                     "AND indexdef LIKE '%%USING hnsw%%'")
         hnsw_indexes = cur.fetchone()[0]
+        cur.execute("SELECT content_key, service_name, model, provider FROM ingest_embeddingfacet ORDER BY 1, 2")
+        facets = cur.fetchall()
     assert rows == [
         ("ingest_embeddingday_p20261120", day1.date(), "k1", "billing", "gpt-4o", "openai", True),
         ("ingest_embeddingday_p20261120", day1.date(), "k1", "support", "gpt-4o", "openai", True),
@@ -65,3 +68,4 @@ def test_0007_copies_each_prompt_vector_to_its_days_services_and_models(at_0006,
         ("ingest_embeddingday_p20261121", day2.date(), "k2", "", "", "", True),
     ]
     assert global_rows == 2 and hnsw_indexes == 1
+    assert facets == [("k1", "billing", "gpt-4o", "openai"), ("k1", "support", "gpt-4o", "openai"), ("k2", "", "", "")]

@@ -223,3 +223,13 @@ def test_a_real_worker_embeds_committed_spans_once(api, project, settings):
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def test_facets_follow_the_prompts_and_go_with_their_vector(indexed, project):
+    from ingest.models import EmbeddingFacet
+
+    facets = set(EmbeddingFacet.objects.values_list("service_name", "model"))
+    assert facets == {(service, model) for service, model, _ in PROMPTS.values()}
+    key = Span.objects.get(span_id="python").prompt_hash
+    Embedding.objects.filter(project_id=project.id, content_key=key).delete()
+    assert not EmbeddingFacet.objects.filter(content_key=key).exists()  # the delete trigger

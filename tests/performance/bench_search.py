@@ -455,6 +455,13 @@ def load_rows(corpus: Corpus, project_id: int, start: int, stop: int) -> tuple[f
         t_emb += t2 - t1
         print(f"[load]   {start + chunk_start + len(chunk):,}/{stop:,} rows "
               f"(spans {t_spans:.0f} s, embeddings {t_emb:.0f} s)", flush=True)
+    # The facets of the loaded prompts (as the worker writes them with the day copies).
+    t0 = time.perf_counter()
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO ingest_embeddingfacet (project_id, content_key, service_name, model, provider) "
+                    "SELECT DISTINCT project_id, content_key, service_name, model, provider FROM ingest_embeddingday "
+                    "WHERE project_id = %s ON CONFLICT DO NOTHING", [project_id])
+    t_emb += time.perf_counter() - t0
     return t_spans, t_emb
 
 
