@@ -80,7 +80,7 @@ def seeded(transactional_db, settings):
     from django.db import connection
 
     with connection.cursor() as cur:  # the span tables are not Django-managed: flush skips them
-        for table in ("ingest_span", "ingest_spankey", "ingest_embedding"):
+        for table in ("ingest_span", "ingest_spankey", "ingest_embedding", "ingest_embeddingday"):
             cur.execute(f"DELETE FROM {table} WHERE project_id = %s", [project.id])
 
 

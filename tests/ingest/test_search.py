@@ -215,11 +215,14 @@ def test_a_real_worker_embeds_committed_spans_once(api, project, settings):
                  for i in range(10)]
         assert api.post("/v1/spans", spans).status_code == 202
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (Embedding.objects.count() < 6 or EmbeddingDay.objects.count() < 6):
+        # Only this project's rows: the day copies are not Django-managed, so a flush keeps other tests' rows.
+        vectors = Embedding.objects.filter(project_id=project.id)
+        copies = EmbeddingDay.objects.filter(project_id=project.id)
+        while time.monotonic() < deadline and (vectors.count() < 6 or copies.count() < 6):
             assert worker.poll() is None, worker.stdout.read()
             time.sleep(0.5)
-        assert Embedding.objects.count() == 6  # 5 unique prompts + the repeated one once
-        assert EmbeddingDay.objects.count() == 6  # all on one day, service, model
+        assert vectors.count() == 6  # 5 unique prompts + the repeated one once
+        assert copies.count() == 6  # all on one day, service, model
     finally:
         worker.terminate()
         worker.wait(timeout=30)
