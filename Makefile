@@ -41,6 +41,7 @@ bench: install
 	$(PY) tests/performance/bench_sdk.py
 	$(PY) tests/performance/bench_otlp.py
 	$(PY) tests/performance/bench_search.py
+	$(PY) tests/performance/bench_embeddings.py
 	$(PY) tests/performance/bench_console.py
 
 check: install
