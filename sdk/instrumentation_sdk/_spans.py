@@ -355,14 +355,21 @@ class _TokenSpan(LLMSpan):
 def llm_span_with_tokens(model: str | None = None, provider: str | None = None, prompt: Any = None,
                          **kw: Any) -> LLMSpan:
     """llm_span that also counts the prompt: sets prompt_tokens and token_count_method."""
-    span = _TokenSpan(model, kw.pop("user_id", None), **kw)
+    return _with_prompt(_TokenSpan(model, kw.pop("user_id", None), **kw), model, provider, prompt,
+                        count_without_prompt=True)
+
+
+def _with_prompt(span: LLMSpan, model: str | None, provider: str | None, prompt: Any, *,
+                 count_without_prompt: bool) -> LLMSpan:
+    """Set the provider and the prompt of a new span, and count the prompt's tokens."""
     if provider is not None:
         span.data["provider"] = provider
     if prompt is not None:
         span.set_metadata("prompt", prompt)
-    n, method = count_tokens(prompt, model)
-    span.data["prompt_tokens"] = n
-    span.data["token_count_method"] = method
+    if prompt is not None or count_without_prompt:
+        n, method = count_tokens(prompt, model)
+        span.data["prompt_tokens"] = n
+        span.data["token_count_method"] = method
     return span
 
 
@@ -441,15 +448,8 @@ class StreamingSpan(LLMSpan):
 def llm_streaming_span(model: str | None = None, provider: str | None = None, prompt: Any = None,
                        **kw: Any) -> StreamingSpan:
     """Context for wrap_stream / wrap_async_stream: TTFT and completion tokens of a streamed answer."""
-    span = StreamingSpan(model, kw.pop("user_id", None), **kw)
-    if provider is not None:
-        span.data["provider"] = provider
-    if prompt is not None:
-        span.set_metadata("prompt", prompt)
-        n, method = count_tokens(prompt, model)
-        span.data["prompt_tokens"] = n
-        span.data["token_count_method"] = method
-    return span
+    return _with_prompt(StreamingSpan(model, kw.pop("user_id", None), **kw), model, provider, prompt,
+                        count_without_prompt=False)
 
 
 def default_extract_text(chunk: Any) -> str | None:
@@ -508,7 +508,30 @@ def _chunk_finish_reason(chunk: Any) -> str | None:
     return None
 
 
-class _StreamBase:
+class StreamProxyBase:
+    """A stream proxy: any other attribute is the wrapped stream's; one dropped unfinished is reported
+    as a client disconnect. Subclasses set _proxied (the attribute holding the stream) and _disconnect."""
+
+    _proxied = "_source"
+
+    def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        inner = self.__dict__.get(self._proxied)
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __del__(self) -> None:
+        try:
+            if "_done" in self.__dict__:
+                self._disconnect()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _StreamBase(StreamProxyBase):
     def __init__(self, source: Any, span_context: StreamingSpan | None, model: str | None,
                  extract_text_fn: Callable[[Any], str | None] | None, **span_fields: Any) -> None:
         self._source = source
@@ -549,18 +572,9 @@ class _StreamBase:
         self._done = True
         self.span._stream_closed(finish_reason, exc)
 
-    def __getattr__(self, name: str) -> Any:
-        source = self.__dict__.get("_source")
-        if source is None:
-            raise AttributeError(name)
-        return getattr(source, name)
-
-    def __del__(self) -> None:
-        try:
-            if "_done" in self.__dict__ and not self._done:
-                self._close_span("client_disconnect", None)
-        except Exception:  # noqa: BLE001
-            pass
+    def _disconnect(self) -> None:
+        if not self._done:
+            self._close_span("client_disconnect", None)
 
 
 class WrappedStream(_StreamBase):
@@ -591,8 +605,7 @@ class WrappedStream(_StreamBase):
 
     def close(self) -> None:
         """Stop early: what was generated so far is reported (finish_reason client_disconnect)."""
-        if not self._done:
-            self._close_span("client_disconnect", None)
+        self._disconnect()
         closer = getattr(self._iter if self._iter is not None else self._source, "close", None)
         if callable(closer):
             closer()
@@ -631,8 +644,7 @@ class WrappedAsyncStream(_StreamBase):
 
     async def aclose(self) -> None:
         """Stop early: what was generated so far is reported (finish_reason client_disconnect)."""
-        if not self._done:
-            self._close_span("client_disconnect", None)
+        self._disconnect()
         target = self._iter if self._iter is not None else self._source
         closer = getattr(target, "aclose", None) or getattr(target, "close", None)
         if callable(closer):

@@ -8,14 +8,16 @@ helper -> `.create()` therefore each yield exactly one span.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Callable
 
 from instrumentation_sdk._config import get_config
-from instrumentation_sdk._spans import StreamingSpan
+from instrumentation_sdk._spans import StreamingSpan, StreamProxyBase
 from instrumentation_sdk._tokens import count_tokens
 
 log = logging.getLogger("instrumentation_sdk")
@@ -188,8 +190,10 @@ def _safe(fn: Callable, *args: Any) -> None:
         log.debug("llm-observe: extraction failed", exc_info=True)
 
 
-class SyncStreamProxy:
-    """Transparent iterator proxy over a provider stream (attributes, context manager, close)."""
+class _StreamProxy(StreamProxyBase):
+    """What both stream proxies of the auto-instrumentation share: the span's bookkeeping."""
+
+    _proxied = "_inner"
 
     def __init__(self, inner: Any, span: AutoSpan, adapter: Adapter) -> None:
         self._inner = inner
@@ -199,6 +203,27 @@ class SyncStreamProxy:
         self._it = None
         self._done = False
         span._stream_opened()
+
+    def _record(self, item: Any) -> Any:
+        _safe(self._adapter.on_chunk, self._span, self._state, item)
+        return item
+
+    def _end(self, reason: str | None, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        _safe(self._adapter.end_stream, self._span, self._state)
+        if reason is None:
+            reason = self._state.get("finish_reason") or "stop"
+        self._span._stream_closed(reason, exc)
+
+    def _disconnect(self) -> None:
+        if not self._done:
+            self._end("client_disconnect", None)
+
+
+class SyncStreamProxy(_StreamProxy):
+    """Transparent iterator proxy over a provider stream (attributes, context manager, close)."""
 
     def __iter__(self):
         return self
@@ -214,21 +239,10 @@ class SyncStreamProxy:
         except BaseException as exc:
             self._end("error", exc)
             raise
-        _safe(self._adapter.on_chunk, self._span, self._state, item)
-        return item
-
-    def _end(self, reason: str | None, exc: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        _safe(self._adapter.end_stream, self._span, self._state)
-        if reason is None:
-            reason = self._state.get("finish_reason") or "stop"
-        self._span._stream_closed(reason, exc)
+        return self._record(item)
 
     def close(self) -> None:
-        if not self._done:
-            self._end("client_disconnect", None)
+        self._disconnect()
         closer = getattr(self._inner, "close", None)
         if callable(closer):
             closer()
@@ -240,30 +254,8 @@ class SyncStreamProxy:
         self.close()
         return False
 
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("_inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
 
-    def __del__(self) -> None:
-        try:
-            if "_done" in self.__dict__ and not self._done:
-                self._end("client_disconnect", None)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-class AsyncStreamProxy:
-    def __init__(self, inner: Any, span: AutoSpan, adapter: Adapter) -> None:
-        self._inner = inner
-        self._span = span
-        self._adapter = adapter
-        self._state = adapter.new_state()
-        self._it = None
-        self._done = False
-        span._stream_opened()
-
+class AsyncStreamProxy(_StreamProxy):
     def __aiter__(self):
         return self
 
@@ -280,21 +272,10 @@ class AsyncStreamProxy:
 
             self._end("cancelled" if isinstance(exc, asyncio.CancelledError) else "error", exc)
             raise
-        _safe(self._adapter.on_chunk, self._span, self._state, item)
-        return item
-
-    def _end(self, reason: str | None, exc: BaseException | None) -> None:
-        if self._done:
-            return
-        self._done = True
-        _safe(self._adapter.end_stream, self._span, self._state)
-        if reason is None:
-            reason = self._state.get("finish_reason") or "stop"
-        self._span._stream_closed(reason, exc)
+        return self._record(item)
 
     async def close(self) -> None:
-        if not self._done:
-            self._end("client_disconnect", None)
+        self._disconnect()
         closer = getattr(self._inner, "close", None) or getattr(self._inner, "aclose", None)
         if callable(closer):
             result = closer()
@@ -309,19 +290,6 @@ class AsyncStreamProxy:
     async def __aexit__(self, exc_type, exc, tb):
         await self.close()
         return False
-
-    def __getattr__(self, name: str) -> Any:
-        inner = self.__dict__.get("_inner")
-        if inner is None:
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    def __del__(self) -> None:
-        try:
-            if "_done" in self.__dict__ and not self._done:
-                self._end("client_disconnect", None)
-        except Exception:  # noqa: BLE001
-            pass
 
 
 def _begin(adapter: Adapter, instance: Any, args: tuple, kwargs: dict) -> AutoSpan | None:
@@ -347,24 +315,37 @@ def _complete(adapter: Adapter, span: AutoSpan, result: Any, args: tuple, kwargs
     return result
 
 
+@contextlib.contextmanager
+def in_call(span: AutoSpan) -> Iterator[None]:
+    """Around the provider call of a span: nested instrumented calls are not traced twice, and an
+    exception ends the span with it before it reaches the caller unchanged."""
+    token = _IN_CALL.set(True)
+    try:
+        yield
+    except BaseException as exc:
+        _IN_CALL.reset(token)
+        span.end(exc)
+        raise
+    _IN_CALL.reset(token)
+
+
+def _start(adapter: Adapter, bound_instance: Any, args: tuple, kwargs: dict) -> tuple[AutoSpan | None, tuple]:
+    """The span of a wrapped call and the call's own arguments; no span when not traced."""
+    if _IN_CALL.get() or not get_config().enabled:
+        return None, args
+    instance = bound_instance if bound_instance is not None else (args[0] if args else None)
+    call_args = args if bound_instance is not None else args[1:]
+    return _begin(adapter, instance, call_args, kwargs), call_args
+
+
 def wrap_sync(original: Callable, adapter: Adapter, bound_instance: Any = None) -> Callable:
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _IN_CALL.get() or not get_config().enabled:
-            return original(*args, **kwargs)
-        instance = bound_instance if bound_instance is not None else (args[0] if args else None)
-        call_args = args if bound_instance is not None else args[1:]
-        span = _begin(adapter, instance, call_args, kwargs)
+        span, call_args = _start(adapter, bound_instance, args, kwargs)
         if span is None:
             return original(*args, **kwargs)
-        token = _IN_CALL.set(True)
-        try:
+        with in_call(span):
             result = original(*args, **kwargs)
-        except BaseException as exc:
-            _IN_CALL.reset(token)
-            span.end(exc)
-            raise
-        _IN_CALL.reset(token)
         return _complete(adapter, span, result, call_args, kwargs, False)
 
     setattr(wrapper, ORIGINAL_ATTR, original)
@@ -374,21 +355,11 @@ def wrap_sync(original: Callable, adapter: Adapter, bound_instance: Any = None) 
 def wrap_async(original: Callable, adapter: Adapter, bound_instance: Any = None) -> Callable:
     @functools.wraps(original)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _IN_CALL.get() or not get_config().enabled:
-            return await original(*args, **kwargs)
-        instance = bound_instance if bound_instance is not None else (args[0] if args else None)
-        call_args = args if bound_instance is not None else args[1:]
-        span = _begin(adapter, instance, call_args, kwargs)
+        span, call_args = _start(adapter, bound_instance, args, kwargs)
         if span is None:
             return await original(*args, **kwargs)
-        token = _IN_CALL.set(True)
-        try:
+        with in_call(span):  # CancelledError too: reported as cancelled, re-raised unchanged
             result = await original(*args, **kwargs)
-        except BaseException as exc:  # CancelledError too: reported as cancelled, re-raised unchanged
-            _IN_CALL.reset(token)
-            span.end(exc)
-            raise
-        _IN_CALL.reset(token)
         return _complete(adapter, span, result, call_args, kwargs, True)
 
     setattr(wrapper, ORIGINAL_ATTR, original)
