@@ -17,6 +17,7 @@ power cut; leases and deletes commit without fsync (losing one only causes a re-
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("instrumentation_sdk")
@@ -118,22 +120,28 @@ class WriteAheadLog:
 
     # -- writes -----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _transaction(self, durability: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock (BEGIN IMMEDIATE: other processes wait, never fail later)."""
+        with self._lock:
+            conn = self._connect()
+            self._durability(conn, durability)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
     def append(self, dest: str, rows: list[tuple[str | None, bytes]]) -> None:
         """Add rows (span_id, JSON body) in order, in one transaction."""
         if not rows:
             return
         now = time.time()
-        with self._lock:
-            conn = self._connect()
-            self._durability(conn, "FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("INSERT INTO spans (dest, span_id, body, created) VALUES (?, ?, ?, ?)",
-                                 [(dest, sid, body, now) for sid, body in rows])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction("FULL") as conn:
+            conn.executemany("INSERT INTO spans (dest, span_id, body, created) VALUES (?, ?, ?, ?)",
+                             [(dest, sid, body, now) for sid, body in rows])
             self._enforce_cap(conn)
 
     def _enforce_cap(self, conn: sqlite3.Connection) -> None:
@@ -151,59 +159,32 @@ class WriteAheadLog:
     def claim(self, dest: str, *, limit: int, max_bytes: int, lease_seconds: float) -> list[tuple[int, bytes]]:
         """Lease the oldest unleased rows of `dest` (at most `limit` rows / `max_bytes`)."""
         now = time.time()
-        with self._lock:
-            conn = self._connect()
-            self._durability(conn, "NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rows = conn.execute(
-                    "SELECT id, body FROM spans WHERE dest = ? AND lease_until < ? ORDER BY id LIMIT ?",
-                    (dest, now, limit)).fetchall()
-                picked, size = [], 0
-                for row_id, body in rows:
-                    if picked and size + len(body) > max_bytes:
-                        break
-                    picked.append((row_id, body))
-                    size += len(body) + 1
-                if picked:
-                    conn.executemany("UPDATE spans SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
-                                     "WHERE id = ?",
-                                     [(self.owner, now + lease_seconds, row_id) for row_id, _ in picked])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        with self._transaction("NORMAL") as conn:
+            rows = conn.execute(
+                "SELECT id, body FROM spans WHERE dest = ? AND lease_until < ? ORDER BY id LIMIT ?",
+                (dest, now, limit)).fetchall()
+            picked, size = [], 0
+            for row_id, body in rows:
+                if picked and size + len(body) > max_bytes:
+                    break
+                picked.append((row_id, body))
+                size += len(body) + 1
+            if picked:
+                conn.executemany("UPDATE spans SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
+                                 "WHERE id = ?",
+                                 [(self.owner, now + lease_seconds, row_id) for row_id, _ in picked])
         return picked
 
     def delete(self, ids: list[int]) -> None:
-        if not ids:
-            return
-        with self._lock:
-            conn = self._connect()
-            self._durability(conn, "NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        if ids:
+            with self._transaction("NORMAL") as conn:
                 conn.executemany("DELETE FROM spans WHERE id = ?", [(i,) for i in ids])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
 
     def release(self, ids: list[int]) -> None:
-        if not ids:
-            return
-        with self._lock:
-            conn = self._connect()
-            self._durability(conn, "NORMAL")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        if ids:
+            with self._transaction("NORMAL") as conn:
                 conn.executemany("UPDATE spans SET lease_owner = NULL, lease_until = 0 "
-                                 "WHERE id = ? AND lease_owner = ?",
-                                 [(i, self.owner) for i in ids])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                                 "WHERE id = ? AND lease_owner = ?", [(i, self.owner) for i in ids])
 
     def release_dead_leases(self) -> int:
         """End the leases of processes on this host that no longer exist (a crashed or killed sender)."""
