@@ -120,26 +120,30 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _existing(args: argparse.Namespace, missing: str) -> tuple[str | None, str | None, int]:
+    """(docker, the container's state, 0), or (None, None, exit code) after saying why not."""
     docker, code = _require_docker()
     if docker is None:
-        return code
+        return None, None, code
     state = _container_state(docker, args.name)
     if state is None:
-        print(f"{args.name}: not created (run `llm-observe start`)")
-        return 1
+        print(missing)
+        return None, None, 1
+    return docker, state, 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    docker, state, code = _existing(args, f"{args.name}: not created (run `llm-observe start`)")
+    if docker is None:
+        return code
     print(f"{args.name}: {state}")
     return 0 if state == "running" else 1
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    docker, code = _require_docker()
+    docker, state, code = _existing(args, f"{args.name}: no such container")
     if docker is None:
         return code
-    state = _container_state(docker, args.name)
-    if state is None:
-        print(f"{args.name}: no such container")
-        return 1
     if state != "running":
         print(f"{args.name} is not running ({state})")
         return 0

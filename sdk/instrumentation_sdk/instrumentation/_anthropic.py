@@ -6,7 +6,8 @@ import json
 from typing import Any
 
 from instrumentation_sdk.instrumentation._common import (
-    _IN_CALL, Adapter, AsyncStreamProxy, AutoSpan, Patches, SyncStreamProxy, _begin, get, wrap_async, wrap_sync,
+    _IN_CALL, Adapter, AsyncStreamProxy, AutoSpan, Patches, SyncStreamProxy, _begin, get, in_call, wrap_async,
+    wrap_sync,
 )
 from instrumentation_sdk.instrumentation._detect import provider_from_url
 
@@ -155,14 +156,8 @@ class _StreamManagerProxy:
         span = _begin(self._adapter, self._instance, (), dict(self._kwargs, stream=True))
         if span is None:
             return self._manager.__enter__()
-        token = _IN_CALL.set(True)
-        try:
+        with in_call(span):
             stream = self._manager.__enter__()
-        except BaseException as exc:
-            _IN_CALL.reset(token)
-            span.end(exc)
-            raise
-        _IN_CALL.reset(token)
         return self._wrap(stream, span)
 
     def __exit__(self, *exc):
@@ -172,14 +167,8 @@ class _StreamManagerProxy:
         span = _begin(self._adapter, self._instance, (), dict(self._kwargs, stream=True))
         if span is None:
             return await self._manager.__aenter__()
-        token = _IN_CALL.set(True)
-        try:
+        with in_call(span):
             stream = await self._manager.__aenter__()
-        except BaseException as exc:
-            _IN_CALL.reset(token)
-            span.end(exc)
-            raise
-        _IN_CALL.reset(token)
         return self._wrap(stream, span)
 
     async def __aexit__(self, *exc):

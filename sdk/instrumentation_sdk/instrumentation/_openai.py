@@ -44,7 +44,14 @@ def _unwrap_raw(result: Any, kwargs: dict) -> Any:
     return None  # streamed raw responses: reading them would consume the user's body
 
 
-class ChatCompletions(Adapter):
+class _OpenAIAdapter(Adapter):
+    """A raw-response call (with_raw_response / with_streaming_response) is read by finish, never as a stream."""
+
+    def is_stream(self, args: tuple, kwargs: dict, result: Any) -> bool:
+        return bool(kwargs.get("stream")) and _raw_mode(kwargs) is None
+
+
+class ChatCompletions(_OpenAIAdapter):
     operation = "openai.chat.completions"
 
     def begin(self, instance: Any, args: tuple, kwargs: dict) -> AutoSpan:
@@ -53,9 +60,6 @@ class ChatCompletions(Adapter):
                         prompt=messages, stream=bool(kwargs.get("stream")))
         _user(span, kwargs)
         return span
-
-    def is_stream(self, args: tuple, kwargs: dict, result: Any) -> bool:
-        return bool(kwargs.get("stream")) and _raw_mode(kwargs) is None
 
     def finish(self, span: AutoSpan, result: Any, kwargs: dict) -> None:
         result = _unwrap_raw(result, kwargs)
@@ -152,7 +156,7 @@ def _response_finish(response: Any) -> str | None:
     return None
 
 
-class Responses(Adapter):
+class Responses(_OpenAIAdapter):
     operation = "openai.responses"
 
     def begin(self, instance: Any, args: tuple, kwargs: dict) -> AutoSpan:
@@ -162,9 +166,6 @@ class Responses(Adapter):
                         prompt_obj=_count_input(prompt, kwargs.get("instructions")))
         _user(span, kwargs)
         return span
-
-    def is_stream(self, args: tuple, kwargs: dict, result: Any) -> bool:
-        return bool(kwargs.get("stream")) and _raw_mode(kwargs) is None
 
     def finish(self, span: AutoSpan, result: Any, kwargs: dict) -> None:
         result = _unwrap_raw(result, kwargs)
