@@ -531,6 +531,27 @@ class StreamProxyBase:
             pass
 
 
+class SyncClosing(StreamProxyBase):
+    """close() and `with` for a sync stream proxy: stopped early, what was generated so far is
+    reported (finish_reason client_disconnect), then the stream itself is closed."""
+
+    def _closable(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._disconnect()
+        closer = getattr(self._closable(), "close", None)
+        if callable(closer):
+            closer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
+
+
 class _StreamBase(StreamProxyBase):
     def __init__(self, source: Any, span_context: StreamingSpan | None, model: str | None,
                  extract_text_fn: Callable[[Any], str | None] | None, **span_fields: Any) -> None:
@@ -577,7 +598,7 @@ class _StreamBase(StreamProxyBase):
             self._close_span("client_disconnect", None)
 
 
-class WrappedStream(_StreamBase):
+class WrappedStream(SyncClosing, _StreamBase):
     """Iterator proxy: records TTFT, text and finish; reports when exhausted, failed or closed."""
 
     def __init__(self, source: Iterable, span_context=None, model=None, extract_text_fn=None, **span_fields):
@@ -603,19 +624,8 @@ class WrappedStream(_StreamBase):
         self._on_item(item)
         return item
 
-    def close(self) -> None:
-        """Stop early: what was generated so far is reported (finish_reason client_disconnect)."""
-        self._disconnect()
-        closer = getattr(self._iter if self._iter is not None else self._source, "close", None)
-        if callable(closer):
-            closer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
+    def _closable(self) -> Any:
+        return self._iter if self._iter is not None else self._source
 
 
 class WrappedAsyncStream(_StreamBase):

@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from typing import Any, Callable
 
 from instrumentation_sdk._config import get_config
-from instrumentation_sdk._spans import StreamingSpan, StreamProxyBase
+from instrumentation_sdk._spans import StreamingSpan, StreamProxyBase, SyncClosing
 from instrumentation_sdk._tokens import count_tokens
 
 log = logging.getLogger("instrumentation_sdk")
@@ -222,7 +222,7 @@ class _StreamProxy(StreamProxyBase):
             self._end("client_disconnect", None)
 
 
-class SyncStreamProxy(_StreamProxy):
+class SyncStreamProxy(SyncClosing, _StreamProxy):
     """Transparent iterator proxy over a provider stream (attributes, context manager, close)."""
 
     def __iter__(self):
@@ -241,18 +241,8 @@ class SyncStreamProxy(_StreamProxy):
             raise
         return self._record(item)
 
-    def close(self) -> None:
-        self._disconnect()
-        closer = getattr(self._inner, "close", None)
-        if callable(closer):
-            closer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self.close()
-        return False
+    def _closable(self) -> Any:
+        return self._inner
 
 
 class AsyncStreamProxy(_StreamProxy):
