@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -36,6 +35,9 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_ingest import run_parallel  # noqa: E402  (the same fork-and-start-together client pool)
 
 PHOENIX_VENV = ROOT / ".data" / "phoenix-venv"
 WORDS = ("invoice account balance refund shipping order customer policy summary translate "
@@ -143,25 +145,15 @@ def http_client(port: int, path: str, headers: dict, bodies: list[bytes], ok: in
 def run_clients(port: int, path: str, headers: dict, bodies: list[bytes], clients: int, ok: int,
                 stored=None, expected: int = 0) -> tuple[float, float, int, int]:
     """(seconds until every request was answered, seconds until `stored()` reached `expected`, failures, retries)."""
-    ctx = mp.get_context("fork")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=http_client, args=(port, path, headers, bodies[c::clients], ok, start, out))
-             for c in range(clients)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
-    t0 = time.perf_counter()
-    start.set()
-    results = [out.get() for _ in procs]
-    answered = time.perf_counter() - t0
-    for p in procs:
-        p.join()
+    answered, results = run_parallel(http_client, [(port, path, headers, bodies[c::clients], ok)
+                                                   for c in range(clients)])
     done = answered
     if stored is not None:
-        deadline = time.perf_counter() + 900
+        polled = time.perf_counter()
+        deadline = polled + 900
         while stored() < expected and time.perf_counter() < deadline:
             time.sleep(0.25)  # a light poll: the store under test should not be the one waiting
-        done = time.perf_counter() - t0
+        done = answered + time.perf_counter() - polled
     return answered, done, sum(r[0] for r in results), sum(r[1] for r in results)
 
 

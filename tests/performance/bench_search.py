@@ -19,11 +19,14 @@ Each real vector thus has size/20,000 near copies: at 1M, clusters of ~50 near-d
 which is what templated LLM traffic looks like and what an HNSW graph with a small m
 connects poorly (the "<=0.5" column counts the queries that found at most half their top 10).
 
-Load: COPY straight into ingest_span (text) and ingest_embedding (binary; partitioned by day,
-one row per prompt, day, service, model and provider, as the worker writes it) of a fresh
-embedded PostgreSQL (own DATA_DIR); the HNSW index of the migration (one graph per day) is
-dropped before the load and rebuilt after it, timed (sizes are loaded cumulatively: the 1M set extends the 100k
-one, so the index is rebuilt once per size). Queries go through the real selector,
+Load: COPY straight into ingest_span (text), ingest_embedding (binary; the global table, one
+row per prompt), ingest_embeddingday (binary; partitioned by day, one row per prompt, day,
+service, model and provider) and ingest_embeddingfacet, as the worker writes them, of a fresh
+embedded PostgreSQL (own DATA_DIR); the HNSW indexes of the migrations (the global graph and
+one graph per day) are dropped before the load and rebuilt after it, timed (sizes are loaded
+cumulatively: the 1M set extends the 100k one, so the indexes are rebuilt once per size). Both
+graphs are prewarmed (pg_prewarm) before the queries, as a running appliance holds them in its
+shared buffers. Queries go through the real selector,
 `ingest.selectors.search.similar_spans` (what POST /v1/search/similar runs after embedding
 the text); recall@10 is the overlap with a numpy brute-force top 10 under the same filter.
 The exact-scan baseline is the same query in SQL with index scans disabled, also used to
