@@ -113,3 +113,18 @@ def test_the_conversion_is_built_once_and_reused(settings, tmp_path, caplog):
     (folder,) = [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
     assert (folder / "validated.json").exists()
     assert np.allclose(first, second, atol=1e-6)
+
+
+def test_concurrent_callers_get_their_own_vectors(settings):
+    """Web threads embed query texts at the same time as each other: no mixed-up rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings.EMBEDDING_BACKEND = "ctranslate2"
+    settings.EMBEDDING_DTYPE = "int8"
+    alone = [embed_texts([text])[0] for text in TEXTS]
+    jobs = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))] * 3  # every rotation, three times
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(embed_texts, jobs))
+    for job, vectors in zip(jobs, results):
+        for text, vector in zip(job, vectors):
+            assert cosines([vector], [alone[TEXTS.index(text)]])[0] > 0.9999
