@@ -64,6 +64,13 @@ INGEST_SPANS = Counter("llm_ingest_spans", "Spans received by the ingest service
 INGEST_REJECTIONS = Counter("llm_ingest_rejections", "Spans rejected at validation, by rule", ["rule"])
 OTLP_REQUESTS = Counter("llm_otlp_requests", "OTLP/HTTP export requests answered", ["encoding", "code"])
 OTLP_SPANS = Counter("llm_otlp_spans", "Spans received over OTLP, by span type", ["span_type"])
+SCANNED = Counter("llm_scanned_spans", "Stored spans by PII/injection scan outcome (error: stored unscanned)",
+                  ["outcome"])  # clean | flagged | error
+EMBEDDED = Counter("llm_embeddings", "Prompts embedded (once per distinct prompt, whatever its spans)", ["backend"])
+EMBEDDINGS_REUSED = Counter("llm_embeddings_reused",
+                            "Prompts of an embedding task that already had a vector (deduplicated, not embedded again)")
+EMBEDDING_SECONDS = Histogram("llm_embedding_seconds", "Time to embed one batch of prompts with the MiniLM model",
+                              ["backend"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
 # Non-LLM spans of an OTLP trace (HTTP handlers, chains, agents, tools) are stored but are not LLM calls.
 _LLM_SPAN_TYPES = {None, "llm", "embedding"}
@@ -115,6 +122,7 @@ def metrics_record_rows(rows: list[dict]) -> None:
     pii: Tally = Tally()
     injection: Tally = Tally()
     finish: Tally = Tally()
+    scanned: Tally = Tally()
     latency: dict[tuple, list[float]] = defaultdict(list)
     ttft: dict[tuple, list[float]] = defaultdict(list)
     seen: set = set()
@@ -124,6 +132,8 @@ def metrics_record_rows(rows: list[dict]) -> None:
             continue
         seen.add(key)
         service = _service(row.get("service_name"))
+        flagged = row.get("pii_detected") or row.get("injection_attempt")
+        scanned["error" if row.get("scan_status") == "error" else "flagged" if flagged else "clean"] += 1
         if row.get("pii_detected"):
             pii[service] += 1
         if row.get("injection_attempt"):
@@ -157,6 +167,8 @@ def metrics_record_rows(rows: list[dict]) -> None:
         COST.labels(*labels).inc(n)
     for labels, n in finish.items():
         FINISH.labels(*labels).inc(n)
+    for outcome, n in scanned.items():
+        SCANNED.labels(outcome).inc(n)
     for service, n in pii.items():
         PII.labels(service).inc(n)
     for service, n in injection.items():
@@ -190,6 +202,19 @@ def metrics_record_ingest(*, prepared, stored) -> None:
             metrics_record_rows(prepared.rows)
     except Exception:  # noqa: BLE001 - metrics never fail a write that has already committed
         logging.getLogger(__name__).exception("recording span metrics failed")
+
+
+def metrics_record_embeddings(*, backend: str, embedded: int, reused: int, seconds: float | None) -> None:
+    """One embedding task: how many prompts it embedded (in `seconds`) and how many already had a vector."""
+    try:
+        if embedded:
+            EMBEDDED.labels(backend).inc(embedded)
+        if seconds is not None:
+            EMBEDDING_SECONDS.labels(backend).observe(seconds)
+        if reused:
+            EMBEDDINGS_REUSED.inc(reused)
+    except Exception:  # noqa: BLE001 - metrics never fail the task
+        logging.getLogger(__name__).exception("recording embedding metrics failed")
 
 
 def metrics_record_otlp(*, encoding: str, code: int, span_types: list[str] | None = None) -> None:

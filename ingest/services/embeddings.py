@@ -49,6 +49,7 @@ import orjson
 from django.conf import settings
 from django.db import connection, transaction
 
+from ingest.metrics import metrics_record_embeddings
 from ingest.services.partitions import partitions_ensure
 
 log = logging.getLogger(__name__)
@@ -396,8 +397,11 @@ def embeddings_compute(*, project_id: int, content_keys: list[str], start: datet
                 [project_id, missing, start, end],
             )
             found = cur.fetchall()
+    seconds = None
     if found:
+        started = time.perf_counter()
         vectors = embed_texts([prompt for _, prompt in found])
+        seconds = time.perf_counter() - started
         payload = orjson.dumps([{"k": key, "v": _vector_literal(vector)} for (key, _), vector in zip(found, vectors)])
         with transaction.atomic(), connection.cursor() as cur:
             cur.execute(_INSERT_SQL, [project_id, MODEL_NAME, payload.decode()])
@@ -407,6 +411,8 @@ def embeddings_compute(*, project_id: int, content_keys: list[str], start: datet
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute(_INSERT_DAYS_SQL, [payload.decode(), project_id])
         cur.execute(_INSERT_FACETS_SQL, [payload.decode(), project_id])
+    metrics_record_embeddings(backend=load_model().backend if found else "", embedded=len(found),
+                              reused=len(done), seconds=seconds)
     return len(found)
 
 

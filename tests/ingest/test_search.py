@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from ingest.models import Embedding, EmbeddingDay, Span
-from ingest.services.embeddings import embed_texts, embeddings_compute
+from ingest.services.embeddings import embed_texts, embeddings_compute, load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,6 +27,12 @@ PROMPTS = {
     "poem": ("creative", "gpt-4o", "Write a short poem about the sea at night"),
 }
 
+
+
+def sample(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 def test_embeddings_are_384_d_unit_vectors_and_meaningful():
     a, b, c = embed_texts(["refund my order", "I want my money back", "the weather in Paris"])
@@ -148,8 +154,13 @@ def test_a_prompt_seen_on_several_days_and_services_is_embedded_once_and_found_b
               "timestamp_utc": days_ago(3)}]
     assert api.post("/v1/spans", spans).status_code == 202
     keys = list(Span.objects.values_list("prompt_hash", flat=True))
+    backend = load_model().backend
+    counted = lambda: (sample("llm_embeddings_total", backend=backend),  # noqa: E731
+                       sample("llm_embeddings_reused_total"), sample("llm_embedding_seconds_count", backend=backend))
+    before = counted()
     assert embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=4), end=now) == 2
     assert Embedding.objects.count() == 2
+    assert [b - a for a, b in zip(before, counted())] == [2, 0, 1]  # two prompts, one batch
     key = Span.objects.get(span_id="old-support").prompt_hash
     rows = set(EmbeddingDay.objects.filter(content_key=key).values_list("day", "service_name"))
     old_day, new_day = (now - timedelta(days=3)).date(), now.date()
@@ -160,6 +171,7 @@ def test_a_prompt_seen_on_several_days_and_services_is_embedded_once_and_found_b
     # Computing again (a retried task) stores and embeds nothing new.
     assert embeddings_compute(project_id=project.id, content_keys=keys, start=now - timedelta(days=4), end=now) == 0
     assert (Embedding.objects.count(), EmbeddingDay.objects.count()) == (2, 4)
+    assert [b - a for a, b in zip(before, counted())] == [2, 2, 1]  # both deduplicated, nothing embedded
 
     def search(**filters):
         return ids(api.post("/v1/search/similar", {"text": "cancel my plan and refund me", "k": 1, **filters}))

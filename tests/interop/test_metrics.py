@@ -77,6 +77,9 @@ def test_stored_spans_are_counted_once_with_the_seed_names(api, scrape, db):
     assert delta("llm_latency_ms_ttft_sum", model="gpt-4o") == 300
     assert delta("llm_ingest_spans_total", outcome="stored") == 2
     assert delta("llm_ingest_spans_total", outcome="duplicate") == 2
+    assert delta("llm_scanned_spans_total", outcome="clean") == 1
+    assert delta("llm_scanned_spans_total", outcome="flagged") == 1
+    assert delta("llm_scanned_spans_total", outcome="error") == 0
     assert not any(name.endswith("_created") for name, _ in after)
 
 
