@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import anthropic
 import litellm
@@ -411,3 +412,56 @@ def test_libraries_imported_later_are_patched_on_import(fake, tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_litellm_bound_before_init_is_recorded_by_its_callback(memory, fake):
+    """`from litellm import completion` before init keeps litellm's own function, which the module
+    patch cannot reach: litellm's callback records those calls, and only those."""
+    early, aearly = litellm.completion, litellm.acompletion
+    assert set(init_auto_instrumentation()["instrumented"]) >= {"litellm"}
+    kw = dict(model="openai/gpt-4o-mini", messages=USER, api_base=fake.openai_url, api_key="sk-test")
+    try:
+        assert litellm.completion is not early
+        assert early(**kw, user="u-7").choices[0].message.content == ANSWER
+        assert "".join(c.choices[0].delta.content or "" for c in early(**kw, stream=True)) == ANSWER
+        early(model="anthropic/claude-3-5-haiku-latest", messages=USER, api_base=fake.url, api_key="x", max_tokens=20)
+        with pytest.raises(Exception):
+            early(model="openai/error-429", messages=USER, api_base=fake.openai_url, api_key="x", num_retries=0,
+                  max_retries=0)
+        litellm.completion(**kw)  # the patched function: recorded once, by the patch
+
+        async def main():
+            await aearly(**kw)
+            stream = await aearly(**kw, stream=True)
+            async for _ in stream:
+                pass
+            await asyncio.sleep(0.2)  # litellm logs async successes in a task
+
+        asyncio.run(main())
+        wait_for(lambda: len(memory.spans) >= 7)  # sync callbacks run in litellm's logging thread
+    finally:
+        uninstrument_all()
+    spans = memory.spans
+    assert len(spans) == 7, [(s["endpoint"], s.get("metadata")) for s in spans]
+    by_callback = [s for s in spans if s.get("metadata", {}).get("recorded_by") == "litellm_callback"]
+    assert len(by_callback) == 6
+    plain = next(s for s in by_callback if s.get("user_id") == "u-7")
+    assert plain["endpoint"] == "litellm.completion" and plain["provider"] == "openai"
+    assert plain["model"] == "gpt-4o-mini" and plain["response"] == ANSWER and plain["prompt"] == USER[0]["content"]
+    assert plain["prompt_tokens"] == USAGE["prompt"] and plain["latency_ms_total"] > 0
+    streamed = [s for s in by_callback if s.get("metadata", {}).get("stream")]
+    assert len(streamed) == 2 and all(s["response"] == ANSWER and s["latency_ms_ttft"] > 0 for s in streamed)
+    assert {s["endpoint"] for s in streamed} == {"litellm.completion", "litellm.acompletion"}
+    assert any(s["provider"] == "anthropic" for s in by_callback)
+    (failed,) = [s for s in by_callback if s["status"] == "error"]
+    assert failed["error_type"] == "RateLimitError"
+    # After uninstrument_all() the callback records nothing more.
+    early(**kw)
+    time.sleep(0.5)
+    assert len(memory.spans) == 7
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -452,6 +452,11 @@ class Patches:
 
     def __init__(self) -> None:
         self._applied: list[tuple[Any, str, Any, bool]] = []  # (owner, name, original, was_in_dict)
+        self._undo: list[Callable[[], None]] = []
+
+    def on_restore(self, undo: Callable[[], None]) -> None:
+        """Something other than an attribute to put back (a registered callback)."""
+        self._undo.append(undo)
 
     def patch(self, owner: Any, name: str, make: Callable[[Callable], Callable], *, force: bool = False) -> bool:
         current = getattr(owner, name, None)
@@ -478,6 +483,13 @@ class Patches:
                 count += 1
             except (AttributeError, TypeError):
                 log.debug("llm-observe: could not restore %r.%s", owner, name, exc_info=True)
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+                count += 1
+            except Exception:  # noqa: BLE001
+                log.debug("llm-observe: could not undo %r", undo, exc_info=True)
         return count
 
     def __len__(self) -> int:
