@@ -7,7 +7,9 @@ Two layouts of the same vectors (see ingest.models.Embedding and EmbeddingDay):
   service, model and provider, so those filters hold during pgvector's iterative scan. The
   first k distinct prompts are joined to their latest span matching the filters exactly
   (rows know only their day: the span check settles the window's edges). A filter the
-  planner estimates to leave few rows is scanned exactly (btree indexes, no graph).
+  planner estimates to leave few rows is scanned exactly (btree indexes, no graph). The day
+  copies are half precision (halfvec): the k prompts found are scored and ordered by their
+  fp32 global vectors.
 - Wide windows (and none) walk the one global graph of ingest_embedding: thirty day graphs
   cost more than one big one. Each neighbour, nearest first, is joined to its latest span
   matching the filters: a neighbour without one is skipped and the walk goes on, so a filter
@@ -186,23 +188,28 @@ def _nearest_days(*, project_id: int, vector: list[float], k: int, filters: Span
         while True:
             cur.execute(
                 f"""WITH w AS MATERIALIZED (
-                        SELECT e.content_key, e.day, e.embedding <=> %s::vector AS d FROM ingest_embeddingday e
+                        SELECT e.content_key, e.day, e.embedding <=> %s::halfvec(384) AS d FROM ingest_embeddingday e
                         WHERE e.project_id = %s{vector_where} ORDER BY d LIMIT %s),
                     c AS (SELECT content_key, min(d) AS d, min(day) AS first_day, max(day) AS last_day
-                          FROM w GROUP BY content_key ORDER BY 2)
-                    SELECT c.d, {columns}, (SELECT count(*) FROM w) FROM c
-                    CROSS JOIN LATERAL (
-                        SELECT * FROM ingest_span s WHERE s.project_id = %s AND s.prompt_hash = c.content_key
-                        AND s.timestamp_utc >= c.first_day::timestamp AT TIME ZONE 'UTC'
-                        AND s.timestamp_utc < (c.last_day + 1)::timestamp AT TIME ZONE 'UTC'{span_where}
-                        ORDER BY s.timestamp_utc DESC LIMIT 1) s
-                    ORDER BY c.d LIMIT %s""",
-                [_literal(vector), project_id, *vector_params, walk, project_id, *span_params, k],
+                          FROM w GROUP BY content_key ORDER BY 2),
+                    r AS (SELECT c.content_key, c.d, {columns} FROM c
+                          CROSS JOIN LATERAL (
+                              SELECT * FROM ingest_span s WHERE s.project_id = %s AND s.prompt_hash = c.content_key
+                              AND s.timestamp_utc >= c.first_day::timestamp AT TIME ZONE 'UTC'
+                              AND s.timestamp_utc < (c.last_day + 1)::timestamp AT TIME ZONE 'UTC'{span_where}
+                              ORDER BY s.timestamp_utc DESC LIMIT 1) s
+                          ORDER BY c.d LIMIT %s)
+                    -- The day copies are half precision: the k found are scored from their fp32 vector.
+                    SELECT coalesce(g.embedding <=> %s::vector, r.d), r.*, (SELECT count(*) FROM w) FROM r
+                    LEFT JOIN ingest_embedding g ON g.project_id = %s AND g.content_key = r.content_key
+                    ORDER BY 1""",
+                [_literal(vector), project_id, *vector_params, walk, project_id, *span_params, k, _literal(vector),
+                 project_id],
             )
             rows = cur.fetchall()
             walked = rows[0][-1] if rows else walk
             if len(rows) >= k or walked < walk or walk >= _MAX_DAY_WALK:
-                return [row[:-1] for row in rows]
+                return [(row[0], *row[3:-1]) for row in rows]  # without r.content_key, r.d and the count
             walk = min(_MAX_DAY_WALK, walk * 8)
 
 

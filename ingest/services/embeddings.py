@@ -352,10 +352,10 @@ _INSERT_SQL = """
     SELECT %s, x.k, x.v::vector, %s, now() FROM jsonb_to_recordset(%s::jsonb) AS x(k text, v text)
     ON CONFLICT DO NOTHING"""
 
-# The days' copies come from the global row: the vector is not shipped twice.
+# The days' copies come from the global row (in half precision): the vector is not shipped twice.
 _INSERT_DAYS_SQL = """
     INSERT INTO ingest_embeddingday (project_id, day, content_key, service_name, model, provider, embedding)
-    SELECT e.project_id, x.d, x.k, x.s, x.m, x.p, e.embedding
+    SELECT e.project_id, x.d, x.k, x.s, x.m, x.p, e.embedding::halfvec(384)
     FROM jsonb_to_recordset(%s::jsonb) AS x(d date, k text, s text, m text, p text)
     JOIN ingest_embedding e ON e.project_id = %s AND e.content_key = x.k
     ON CONFLICT DO NOTHING"""

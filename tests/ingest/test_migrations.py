@@ -1,5 +1,5 @@
 """Upgrades keep data: migrations 0007/0008 give the embeddings of an existing installation their day
-copies and facets."""
+copies and facets; 0009 turns the copies into half precision."""
 
 from __future__ import annotations
 
@@ -69,3 +69,17 @@ def test_0007_copies_each_prompt_vector_to_its_days_services_and_models(at_0006,
     ]
     assert global_rows == 2 and hnsw_indexes == 1
     assert facets == [("k1", "billing", "gpt-4o", "openai"), ("k1", "support", "gpt-4o", "openai"), ("k2", "", "", "")]
+
+    # 0009: the day copies become half precision, still in their partitions, with a halfvec graph.
+    _migrate("0009_embeddingday_halfvec")
+    with connection.cursor() as cur:
+        cur.execute("SELECT tableoid::regclass::text, pg_typeof(embedding)::text, "
+                    "1 - (embedding::vector <=> %s::vector) FROM ingest_embeddingday ORDER BY day, content_key, "
+                    "service_name", [vector])
+        converted = cur.fetchall()
+        cur.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'ingest_embeddingday_p20261121' "
+                    "AND indexdef LIKE '%%USING hnsw%%'")
+        (hnsw,) = [row[0] for row in cur.fetchall()]
+    assert [table for table, _, _ in converted] == [table for table, *_ in rows]
+    assert all(kind == "halfvec" and cosine > 0.99999 for _, kind, cosine in converted), converted
+    assert "halfvec_cosine_ops" in hnsw

@@ -139,6 +139,25 @@ def test_a_narrow_window_walks_the_day_graphs_or_scans_them_exactly(indexed, set
     assert search(10, service="coding") == (["python", "sql"], "global")
 
 
+def test_day_graph_results_are_scored_from_the_fp32_vectors(indexed, settings):
+    """The day copies are half precision; the scores and order a search returns are the global vectors'."""
+    start = (datetime.now(timezone.utc) - timedelta(hours=30)).isoformat()
+
+    def scores(**extra):
+        response = indexed.post("/v1/search/similar", {"text": "a poem about the sea", "k": 6, "from": start})
+        assert response.status_code == 200, response.content
+        return [(item["span_id"], item["score"]) for item in response.json()["items"]]
+
+    through_days = scores()
+    settings.SEARCH_DAY_GRAPHS_MAX_DAYS = 1  # the global graph (fp32) answers the same window
+    through_global = scores()
+    assert through_days == through_global
+    assert [s for _, s in through_days] == sorted((s for _, s in through_days), reverse=True)
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_typeof(embedding)::text FROM ingest_embeddingday LIMIT 1")
+        assert cur.fetchone()[0] == "halfvec"
+
+
 def test_a_prompt_seen_on_several_days_and_services_is_embedded_once_and_found_by_each(api, project):
     from ingest.services.partitions import partition_name
 

@@ -20,8 +20,8 @@ which is what templated LLM traffic looks like and what an HNSW graph with a sma
 connects poorly (the "<=0.5" column counts the queries that found at most half their top 10).
 
 Load: COPY straight into ingest_span (text), ingest_embedding (binary; the global table, one
-row per prompt), ingest_embeddingday (binary; partitioned by day, one row per prompt, day,
-service, model and provider) and ingest_embeddingfacet, as the worker writes them, of a fresh
+row per prompt), ingest_embeddingday (binary, half precision; partitioned by day, one row per prompt,
+day, service, model and provider) and ingest_embeddingfacet, as the worker writes them, of a fresh
 embedded PostgreSQL (own DATA_DIR); the HNSW indexes of the migrations (the global graph and
 one graph per day) are dropped before the load and rebuilt after it, timed (sizes are loaded
 cumulatively: the 1M set extends the 100k one, so the indexes are rebuilt once per size). Both
@@ -422,7 +422,7 @@ def _copy_day_embeddings(cur, corpus: Corpus, project_id: int, rows: np.ndarray,
                     ("l_service", ">i4"), ("service", f"S{len(texts[0])}"),
                     ("l_model", ">i4"), ("model", f"S{len(texts[1])}"),
                     ("l_provider", ">i4"), ("provider", f"S{len(texts[2])}"),
-                    ("l_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f4", (dim,)),
+                    ("l_vec", ">i4"), ("dim", ">i2"), ("unused", ">i2"), ("vec", ">f2", (dim,)),  # halfvec
                 ])
                 data = np.zeros(len(pick), dtype=record)
                 data["nfields"] = 7
@@ -431,7 +431,7 @@ def _copy_day_embeddings(cur, corpus: Corpus, project_id: int, rows: np.ndarray,
                 data["l_key"], data["key"] = 64, keys_array[pick]
                 for name, text in zip(("service", "model", "provider"), texts):
                     data[f"l_{name}"], data[name] = len(text), text
-                data["l_vec"], data["dim"], data["vec"] = 4 + 4 * dim, dim, corpus.vectors[rows[pick]]
+                data["l_vec"], data["dim"], data["vec"] = 4 + 2 * dim, dim, corpus.vectors[rows[pick]]
                 for start in range(0, len(data), 20_000):
                     copy.write(data[start:start + 20_000].tobytes())
         copy.write(struct.pack(">h", -1))
@@ -540,7 +540,8 @@ def pct(values: list[float], q: float) -> float:
 
 def sql_exact(project_id: int, vector: list[float], filters) -> list[str]:
     """The exact-scan baseline: the nearest vectors under the same filters with index scans off (the day
-    table has them all with their service; one row per prompt here, as each has one span)."""
+    table has them all with their service; one row per prompt here, as each has one span). The day
+    copies are half precision, so its agreement with numpy's fp32 top 10 shows what that costs."""
     from django.db import connection, transaction
 
     from ingest.selectors.search import _literal, _span_conditions, _vector_conditions
@@ -554,7 +555,7 @@ def sql_exact(project_id: int, vector: list[float], filters) -> list[str]:
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute("SET LOCAL enable_indexscan = off")
         cur.execute(f"SELECT e.content_key FROM ingest_embeddingday e WHERE e.project_id = %s{vector_where} {span_filter} "
-                    f"ORDER BY e.embedding <=> %s::vector LIMIT %s",
+                    f"ORDER BY e.embedding <=> %s::halfvec(384) LIMIT %s",
                     [project_id, *vector_params, *span_params, _literal(vector), K])
         return [row[0] for row in cur.fetchall()]
 
