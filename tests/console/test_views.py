@@ -115,6 +115,22 @@ def test_explorer_filters_sorts_and_pages(logged_in, project):
     assert {s["user_id"] for s in user} == {"bob"}
 
 
+def test_a_text_search_that_takes_too_long_is_stopped_and_points_to_similar_prompts(logged_in, project, settings):
+    make_spans(project, 2000, prompt="a long prompt about invoices, parcels and refunds " * 40)
+    settings.CONSOLE_QUERY_TIMEOUT_MS = 1  # reading 2,000 prompts of 2 KB takes longer than that
+    response = logged_in.get(url("console:explorer", project=project.name),
+                             {"q": "no such phrase", "range": "24h", "service": "billing"})
+    assert response.status_code == 200
+    assert response.context["page"]["timed_out"] and not response.context["page"]["items"]
+    body = response.content.decode()
+    assert "This search took too long and was stopped." in body
+    similar = url("console:similar", project=project.name) + "?text=no%20such%20phrase&amp;range=24h&amp;service=billing"
+    assert f'href="{similar}"' in body
+    settings.CONSOLE_QUERY_TIMEOUT_MS = 5000
+    quick = logged_in.get(url("console:explorer", project=project.name), {"q": "no such phrase", "range": "24h"})
+    assert not quick.context["page"]["timed_out"] and "similar-instead" not in quick.content.decode()
+
+
 def test_explorer_bad_filters_are_a_message_not_an_error(logged_in, project):
     response = logged_in.get(url("console:explorer", project=project.name),
                              {"page": "-3", "sort": "nonsense", "start": "yesterday", "q": "a\x00b"})
