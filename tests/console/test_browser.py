@@ -177,7 +177,7 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     raw_key = page.input_value("#new-key")
     assert raw_key.startswith("llmo_")
     page.click("button[data-copy]")
-    assert page.locator("button[data-copy]").inner_text() == "Copied"
+    expect(page.locator("button[data-copy]")).to_have_text("Copied")  # after the clipboard's promise
     shot(page, "07-new-key")
     send = httpx.post(f"{base}/v1/spans", headers={"Authorization": f"Bearer {raw_key}"},
                       json={"span_id": "via-new-key", "model": "gpt-4o-mini", "provider": "openai",
