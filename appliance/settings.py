@@ -137,6 +137,9 @@ EMBEDDING_BACKEND = env_choice("EMBEDDING_BACKEND", "auto", ("auto", "torch", "c
 # Where the CTranslate2 conversion of the model is built on first use (and kept).
 EMBEDDING_CACHE_DIR = Path(env_str("EMBEDDING_CACHE_DIR", str(DATA_DIR / "models"))).expanduser()
 EMBEDDING_BATCH_SIZE = env_int("EMBEDDING_BATCH_SIZE", 64, minimum=1, maximum=4096)
+# CPU threads one process embeds with (0: every core it may use). `manage.py serve` gives each
+# Celery worker process cores / WORKER_CONCURRENCY, so busy workers do not oversubscribe the CPU.
+EMBEDDING_THREADS = env_int("EMBEDDING_THREADS", 0, minimum=0, maximum=1024)
 # hnsw.ef_search of a similarity search (tests/performance/bench_search.py): recall@10 at 100k
 # embeddings 0.95-0.98 with 100 (it varies from one index build to the next), 0.99 with 400; at 1M
 # 0.79 / 0.88, at under 1 ms more. Tight clusters of near-identical prompts need it.

@@ -147,9 +147,16 @@ def _choose() -> tuple[str, str, str]:
     return backend, device, dtype
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _load_torch(device: str, dtype: str):
     import torch
     from sentence_transformers import SentenceTransformer
+
+    if settings.EMBEDDING_THREADS and device == "cpu":
+        torch.set_num_threads(settings.EMBEDDING_THREADS)
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return SentenceTransformer(model_path(), device=device, model_kwargs={"dtype": torch_dtype})
@@ -240,7 +247,7 @@ class CT2Encoder:
         self.tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
-        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = settings.EMBEDDING_THREADS or _cores()
         self.max_tokens = MAX_BATCH_TOKENS
         # One single-threaded replica per core, each on its own batch: small batches parallelise
         # better across batches than inside one (no barrier per operation), and the weights are shared.

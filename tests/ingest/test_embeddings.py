@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -128,3 +129,14 @@ def test_concurrent_callers_get_their_own_vectors(settings):
     for job, vectors in zip(jobs, results):
         for text, vector in zip(job, vectors):
             assert cosines([vector], [alone[TEXTS.index(text)]])[0] > 0.9999
+
+
+def test_embedding_threads_bound_the_replicas(settings):
+    settings.EMBEDDING_BACKEND = "ctranslate2"
+    settings.EMBEDDING_DTYPE = "int8"
+    settings.EMBEDDING_THREADS = 1
+    encoder = load_model().encoder
+    assert encoder.model.num_encoders == 1 and encoder.pool is None
+    model_reset()
+    settings.EMBEDDING_THREADS = 0  # every core this process may use
+    assert load_model().encoder.model.num_encoders == len(os.sched_getaffinity(0))

@@ -15,6 +15,8 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
+from appliance.env import env_int
+
 
 class Command(BaseCommand):
     help = "Run the appliance: migrate, load config, bootstrap, then web + worker + beat in the foreground."
@@ -63,10 +65,14 @@ class Command(BaseCommand):
         ]
         manager.add_process("web", shlex.join(web), env=env, cwd=str(settings.BASE_DIR))
         if not no_worker:
+            concurrency = env_int("WORKER_CONCURRENCY", 2, minimum=1, maximum=256)
+            # Each worker process embeds with its share of the cores (unless EMBEDDING_THREADS says).
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            worker_env = {"EMBEDDING_THREADS": str(max(1, cores // concurrency)), **env}
             manager.add_process("worker", shlex.join([
                 python, "-m", "celery", "-A", "appliance", "worker", "--loglevel", "INFO",
-                "--concurrency", os.environ.get("WORKER_CONCURRENCY", "2"), "--without-gossip", "--without-mingle",
-            ]), env=env, cwd=str(settings.BASE_DIR))
+                "--concurrency", str(concurrency), "--without-gossip", "--without-mingle",
+            ]), env=worker_env, cwd=str(settings.BASE_DIR))
             manager.add_process("beat", shlex.join([
                 python, "-m", "celery", "-A", "appliance", "beat", "--loglevel", "INFO",
                 "--schedule", str(settings.DATA_DIR / "celerybeat-schedule"),
