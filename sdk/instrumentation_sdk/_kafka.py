@@ -422,3 +422,29 @@ class KafkaTransport:
                 pass
 
         threading.Thread(target=_destroy, name="llm-observe-kafka-close", daemon=True).start()
+
+
+def check_topic(cfg, timeout: float = 10.0) -> tuple[bool, str]:
+    """(ok, message): does the broker answer with these settings, and does the spans topic exist?"""
+    try:
+        import confluent_kafka
+    except ImportError:
+        return False, "the Kafka transport needs confluent-kafka: pip install 'instrumentation-sdk[kafka]'"
+    where = f"Kafka {cfg.kafka_bootstrap_servers}"
+    settings: dict[str, Any] = {"bootstrap.servers": cfg.kafka_bootstrap_servers, "logger": _LibrdkafkaLog(),
+                                "reconnect.backoff.max.ms": 1000}
+    settings.update(cfg.kafka_config or {})
+    try:
+        client = confluent_kafka.Producer(settings)
+    except (confluent_kafka.KafkaException, ValueError, TypeError) as exc:
+        return False, f"the Kafka settings were refused: {exc}"
+    try:
+        metadata = client.list_topics(timeout=timeout)  # every topic: asking for one by name may create it
+    except confluent_kafka.KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        return False, f"cannot reach {where}: {getattr(error, 'str', lambda: error)()}"
+    topic = metadata.topics.get(cfg.kafka_topic)
+    if topic is None or topic.error is not None:
+        return False, (f"{where} answers but has no topic {cfg.kafka_topic!r} (the appliance creates it when it "
+                       f"starts with KAFKA_BOOTSTRAP_SERVERS set; or set LLM_OBSERVE_KAFKA_TOPIC)")
+    return True, f"OK: {where} has the topic {cfg.kafka_topic} ({len(topic.partitions)} partitions)"

@@ -191,10 +191,26 @@ def check(url: str | None, api_key: str | None, timeout: float = 10.0) -> tuple[
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    ok, message = check(args.url or os.environ.get("LLM_OBSERVE_URL"),
-                        args.api_key or os.environ.get("LLM_OBSERVE_API_KEY"), args.timeout)
-    print(message, file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+    from instrumentation_sdk._config import config_from_env
+
+    cfg = config_from_env()
+    url = args.url or os.environ.get("LLM_OBSERVE_URL")
+    api_key = args.api_key or os.environ.get("LLM_OBSERVE_API_KEY")
+    results = []
+    if cfg.kafka:
+        # Spans go to the broker; the appliance's consumer checks the key (rejections go to its DLQ).
+        from instrumentation_sdk._kafka import check_topic
+
+        results.append(check_topic(cfg, args.timeout))
+        if not api_key:
+            results.append((False, "no API key: set LLM_OBSERVE_API_KEY or pass --api-key"))
+        elif url:
+            results.append(check(url, api_key, args.timeout))
+    else:
+        results.append(check(url, api_key, args.timeout))
+    for ok, message in results:
+        print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -224,7 +240,8 @@ def _parser() -> argparse.ArgumentParser:
     container_flags(stop)
     stop.set_defaults(func=cmd_stop)
 
-    chk = sub.add_parser("check", help="verify LLM_OBSERVE_URL and LLM_OBSERVE_API_KEY against the appliance")
+    chk = sub.add_parser("check", help="verify LLM_OBSERVE_URL and LLM_OBSERVE_API_KEY against the appliance "
+                                       "(with the Kafka transport: the broker and its spans topic too)")
     chk.add_argument("--url", default=None)
     chk.add_argument("--api-key", default=None)
     chk.add_argument("--timeout", type=float, default=10.0)

@@ -317,3 +317,25 @@ def test_exit_with_the_broker_down_is_bounded_and_keeps_everything(tmp_path):
     assert time.monotonic() - started < 15
     assert wal_rows(tmp_path / "w.db") == 250
     assert "Connection refused" not in out.stderr  # librdkafka's reconnect chatter stays at DEBUG
+
+
+def test_cli_check_in_kafka_mode_checks_the_broker_and_its_topic(kafka_broker):
+    from tests.kafka_broker import free_port
+
+    def check(bootstrap, key="llmo_test"):
+        env = {**os.environ, "LLM_OBSERVE_TRANSPORT": "kafka", "LLM_OBSERVE_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+               "LLM_OBSERVE_API_KEY": key, "LLM_OBSERVE_URL": ""}
+        return subprocess.run([sys.executable, "-m", "instrumentation_sdk.cli", "check", "--timeout", "3"],
+                              capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
+
+    out = check(kafka_broker.bootstrap)
+    assert out.returncode == 1 and "has no topic 'llm.spans.raw'" in out.stderr, out.stderr
+    kafka_broker.create_topics(partitions=3)
+    out = check(kafka_broker.bootstrap)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"OK: Kafka {kafka_broker.bootstrap} has the topic llm.spans.raw (3 partitions)"
+    out = check(kafka_broker.bootstrap, key="")
+    assert out.returncode == 1 and "no API key" in out.stderr
+    nobody = f"127.0.0.1:{free_port()}"
+    out = check(nobody)
+    assert out.returncode == 1 and f"cannot reach Kafka {nobody}" in out.stderr, out.stderr
