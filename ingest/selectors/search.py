@@ -185,6 +185,7 @@ def _nearest_days(*, project_id: int, vector: list[float], k: int, filters: Span
         # prompt, more if they were mostly copies of the same prompts or had no span in the window.
         # The exact scan computes every distance anyway: it keeps the largest number at once.
         walk = _MAX_DAY_WALK if exact else 4 * k
+        q = _literal(vector)
         while True:
             cur.execute(
                 f"""WITH w AS MATERIALIZED (
@@ -203,8 +204,7 @@ def _nearest_days(*, project_id: int, vector: list[float], k: int, filters: Span
                     SELECT coalesce(g.embedding <=> %s::vector, r.d), r.*, (SELECT count(*) FROM w) FROM r
                     LEFT JOIN ingest_embedding g ON g.project_id = %s AND g.content_key = r.content_key
                     ORDER BY 1""",
-                [_literal(vector), project_id, *vector_params, walk, project_id, *span_params, k, _literal(vector),
-                 project_id],
+                [q, project_id, *vector_params, walk, project_id, *span_params, k, q, project_id],
             )
             rows = cur.fetchall()
             walked = rows[0][-1] if rows else walk
