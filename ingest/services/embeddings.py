@@ -147,7 +147,8 @@ def _choose() -> tuple[str, str, str]:
     return backend, device, dtype
 
 
-def _cores() -> int:
+def available_cores() -> int:
+    """The CPUs this process may run on (its affinity), not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -247,7 +248,7 @@ class CT2Encoder:
         self.tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
-        threads = settings.EMBEDDING_THREADS or _cores()
+        threads = settings.EMBEDDING_THREADS or available_cores()
         self.max_tokens = MAX_BATCH_TOKENS
         # One single-threaded replica per core, each on its own batch: small batches parallelise
         # better across batches than inside one (no barrier per operation), and the weights are shared.

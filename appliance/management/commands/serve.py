@@ -67,8 +67,9 @@ class Command(BaseCommand):
         if not no_worker:
             concurrency = env_int("WORKER_CONCURRENCY", 2, minimum=1, maximum=256)
             # Each worker process embeds with its share of the cores (unless EMBEDDING_THREADS says).
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            worker_env = {"EMBEDDING_THREADS": str(max(1, cores // concurrency)), **env}
+            from ingest.services.embeddings import available_cores
+
+            worker_env = {"EMBEDDING_THREADS": str(max(1, available_cores() // concurrency)), **env}
             manager.add_process("worker", shlex.join([
                 python, "-m", "celery", "-A", "appliance", "worker", "--loglevel", "INFO",
                 "--concurrency", str(concurrency), "--without-gossip", "--without-mingle",
