@@ -263,6 +263,19 @@ class SendResult:
     error: str = ""
 
 
+def client_settings(cfg, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """librdkafka settings of a client of the configured broker: ours, then the user's (SASL, TLS, ...)."""
+    settings: dict[str, Any] = {
+        "bootstrap.servers": cfg.kafka_bootstrap_servers,
+        # librdkafka waits up to 10 s between reconnects by default: too slow to notice a broker is back.
+        "reconnect.backoff.max.ms": 1000,
+        "logger": _LibrdkafkaLog(),
+        **(extra or {}),
+    }
+    settings.update(cfg.kafka_config or {})
+    return settings
+
+
 class KafkaTransport:
     """One idempotent producer, used by the sender thread only (it serves the delivery reports itself)."""
 
@@ -280,8 +293,7 @@ class KafkaTransport:
         self.fatal: Any = None
         self.failures = 0
         self.retired = False
-        settings: dict[str, Any] = {
-            "bootstrap.servers": cfg.kafka_bootstrap_servers,
+        settings = client_settings(cfg, {
             "client.id": f"llm-observe-sdk-{os.getpid()}",
             "linger.ms": 5,
             "compression.type": "lz4",
@@ -289,12 +301,8 @@ class KafkaTransport:
             # Every message gets its delivery report within this time: a batch is then known
             # to be confirmed or not, and nothing of it is still pending in the producer.
             "message.timeout.ms": int(self.timeout * 1000),
-            # librdkafka waits up to 10 s between reconnects by default: too slow to notice a broker is back.
-            "reconnect.backoff.max.ms": 1000,
-            "logger": _LibrdkafkaLog(),
             "error_cb": self._on_error,
-        }
-        settings.update(cfg.kafka_config or {})
+        })
         # Not negotiable: what the WAL's "delete after the acknowledgement" relies on.
         settings.update({"enable.idempotence": True, "acks": "all"})
         try:  # a batch waits for its reports as long as the producer may take to give them
@@ -431,11 +439,8 @@ def check_topic(cfg, timeout: float = 10.0) -> tuple[bool, str]:
     except ImportError:
         return False, "the Kafka transport needs confluent-kafka: pip install 'instrumentation-sdk[kafka]'"
     where = f"Kafka {cfg.kafka_bootstrap_servers}"
-    settings: dict[str, Any] = {"bootstrap.servers": cfg.kafka_bootstrap_servers, "logger": _LibrdkafkaLog(),
-                                "reconnect.backoff.max.ms": 1000}
-    settings.update(cfg.kafka_config or {})
     try:
-        client = confluent_kafka.Producer(settings)
+        client = confluent_kafka.Producer(client_settings(cfg))
     except (confluent_kafka.KafkaException, ValueError, TypeError) as exc:
         return False, f"the Kafka settings were refused: {exc}"
     try:
