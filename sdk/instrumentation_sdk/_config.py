@@ -98,6 +98,12 @@ class Config:
     exit_flush_timeout: float = 5.0        # bound on the flush at interpreter exit
     wal_max_rows: int = 1_000_000          # oldest rows are dropped (with a warning) beyond this
     max_text_chars: int = 1_000_000        # prompt/response longer than this are cut
+    # Answers with a server error (500, not 502/503/504) a batch may get before it is split to
+    # find the span that causes them; that span goes to the dead-letter file.
+    server_error_retries: int = 3
+    spill: bool = True                     # write each span to a memory-backed spill file in report()
+    spill_dir: str | None = None           # None: /dev/shm (or $XDG_RUNTIME_DIR) when memory-backed, else no spill
+    spill_max_bytes: int = 64 * 1024 * 1024  # per process; past it report() keeps spans in memory only
     # "http" or "kafka"; None: kafka when kafka_bootstrap_servers is set, http otherwise.
     transport: str | None = None
     kafka_bootstrap_servers: str | None = None   # e.g. "kafka-1:9092,kafka-2:9092" (the `kafka` extra)
@@ -172,6 +178,10 @@ def config_from_env() -> Config:
         backoff_max=_env_float("LLM_OBSERVE_BACKOFF_MAX", 30.0) or 30.0,
         exit_flush_timeout=_env_float("LLM_OBSERVE_EXIT_FLUSH_TIMEOUT", 5.0) or 0.0,
         wal_max_rows=_env_int("LLM_OBSERVE_WAL_MAX_ROWS", 1_000_000),
+        server_error_retries=max(1, _env_int("LLM_OBSERVE_SERVER_ERROR_RETRIES", 3)),
+        spill=(env("LLM_OBSERVE_SPILL", "true") or "true").strip().lower() in _TRUE,
+        spill_dir=env("LLM_OBSERVE_SPILL_DIR") or None,
+        spill_max_bytes=_env_int("LLM_OBSERVE_SPILL_MAX_BYTES", 64 * 1024 * 1024),
         transport=_env_transport(),
         kafka_bootstrap_servers=(env("LLM_OBSERVE_KAFKA_BOOTSTRAP_SERVERS") or "").strip() or None,
         kafka_topic=(env("LLM_OBSERVE_KAFKA_TOPIC") or "").strip() or DEFAULT_KAFKA_TOPIC,

@@ -35,6 +35,7 @@ import atexit
 import logging
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from random import getrandbits as _getrandbits
@@ -45,33 +46,40 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from instrumentation_sdk import _kafka
+from instrumentation_sdk import _kafka, _spill
 from instrumentation_sdk._config import Config, get_config
 from instrumentation_sdk._transport import HttpTransport, TransportError
-from instrumentation_sdk._wal import WriteAheadLog
+from instrumentation_sdk._wal import WalRow, WriteAheadLog
 from instrumentation_sdk.sampling import should_sample
 from instrumentation_sdk.scanning import default_scanner, prompt_text
 
 try:  # faster, optional
     import orjson
 
+    _loads = orjson.loads
+
     def _dumps(obj: Any) -> bytes:
         return orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS)
 except ImportError:  # pragma: no cover - depends on the environment
     import json
+
+    _loads = json.loads
 
     def _dumps(obj: Any) -> bytes:
         return json.dumps(obj, default=str, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 log = logging.getLogger("instrumentation_sdk")
 
-SPILL_CHUNK = 256
+OVERFLOW_CHUNK = 256
 WAL_CHUNK = 5000  # spans per WAL transaction while the appliance is away
 _UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
 _CHECK_PID = not hasattr(os, "register_at_fork")  # elsewhere the fork hook resets reporters
 EXTERNAL, INTERNAL, INTERNAL_SCANNED = 0, 1, 2  # where a queued span came from
 MAX_BODY_BYTES = 4 * 1024 * 1024  # the appliance accepts 5 MB (after gunzip) per request
+# Answers that say nothing about the batch: the appliance (or the proxy in front of it) is down,
+# overloaded or out of disk. Retried for as long as it takes, like a refused connection.
+TRANSIENT_STATUSES = frozenset({404, 408, 409, 425, 429, 502, 503, 504, 507})
 FINISH_REASONS = {"stop", "length", "content_filter", "tool_calls", "error", "cancelled", "cache_hit",
                   "client_disconnect", "unspecified"}
 FINISH_ALIASES = {
@@ -180,12 +188,14 @@ class SpanReporter:
         _REPORTERS.add(self)
 
     def _init_state(self) -> None:
-        self._queue: deque = deque()
-        self._spill: list = []
+        self._queue: deque = deque()  # (span, kind, report time, spill handle or None)
+        self._overflow: list = []
+        self._spill: _spill.SpillFile | bool | None = None  # None: not opened yet; False: off
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(threading.Lock())
         self._busy = False
+        self._cycles = 0  # sender cycles completed (each one looks at the queue, the first also at the disk)
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closing = False
@@ -197,12 +207,18 @@ class SpanReporter:
         self._backlog: bool | None = None  # None: not checked yet
         self._retry_at = 0.0
         self._backoff = 0.0
-        self._inflight: list[tuple[str | None, bytes]] | None = None
+        self._inflight: tuple[list, list[tuple[str | None, bytes]]] | None = None  # (items, rows)
+        self._oks = 0  # 202 answers so far
+        self._oks_at_blame = 0  # ... as of the last answer that blamed a batch (a server error)
+        self._blame_proof = False  # a 202 came between the last two blaming answers
+        self._blamed_by = ""  # that answer, for the dead-letter reason
+        self._next_orphan_check = 0.0
         self._next_wal_check = 0.0
         self._warned_unconfigured = False
         self._logs = _RateLimitedLog()
         self.stats = {"sent": 0, "duplicates": 0, "rejected": 0, "wal_written": 0,
-                      "wal_replayed": 0, "dropped": 0, "failed_posts": 0}
+                      "wal_replayed": 0, "dropped": 0, "failed_posts": 0, "dead_lettered": 0,
+                      "spill_skipped": 0, "spill_recovered": 0}
         self.last_rejections: deque = deque(maxlen=100)
 
     # -- configuration --------------------------------------------------------------
@@ -270,32 +286,68 @@ class SpanReporter:
             return
         if _CHECK_PID and self._pid != os.getpid():
             self._after_fork()
+        when = time.time()
         if self._stopped:  # reported after close() (a late atexit handler): straight to the WAL
-            prepared = self._prepare(span, kind, cfg)
+            prepared = self._prepare(span, kind, cfg, when)
             if prepared:
                 self._write_wal([prepared], cfg, from_exit=True)
             return
+        spill = self._spill
+        if spill is None:
+            spill = self._open_spill(cfg)
+        # Out of process memory before report() returns: a SIGKILL from here on loses nothing.
+        handle = spill.write(span, kind, when) if spill else None
+        if handle is None and spill:
+            self.stats["spill_skipped"] += 1  # too large for the bound, or the bound is reached: memory only
+        item = (span, kind, when, handle)
         queue = self._queue
         if len(queue) < cfg.queue_size:
-            queue.append((span, kind))
+            queue.append(item)
             if self._thread is None:
                 self._start()
             elif len(queue) >= cfg.batch_size and not self._wake.is_set():
                 self._wake.set()
         else:
-            self._overflow((span, kind), cfg)
+            self._overflowed(item, cfg)
 
-    def _overflow(self, item: tuple, cfg: Config) -> None:
+    def _open_spill(self, cfg: Config) -> _spill.SpillFile | bool:
         with self._lock:
-            self._spill.append(item)
-            if len(self._spill) < SPILL_CHUNK:
+            if self._spill is not None:
+                return self._spill
+            self._spill = False
+            if not cfg.spill:
+                return False
+            directory, why = _spill.spill_directory(cfg.spill_dir)
+            if directory is None:
+                # Expected on macOS and Windows; on Linux it means /dev/shm is missing or not tmpfs.
+                (log.warning if sys.platform.startswith("linux") else log.info)(
+                    "llm-observe: no spill file (%s): spans still in memory are lost if the process is killed; "
+                    "set LLM_OBSERVE_SPILL_DIR to a tmpfs folder", why)
+                return False
+            if cfg.spill_dir and not _spill.memory_backed(directory.parent if not directory.exists() else directory):
+                log.warning("llm-observe: LLM_OBSERVE_SPILL_DIR %s is not memory-backed: raw span text (before "
+                            "PII redaction) is written to disk there", directory)
+            try:
+                self._spill = _spill.SpillFile(
+                    directory, key=_spill.spill_key(cfg.resolved_wal_path()), max_bytes=cfg.spill_max_bytes,
+                    meta={"wal": str(cfg.resolved_wal_path()), "destination": cfg.destination}, dumps=_dumps)
+            except Exception as exc:  # noqa: BLE001 - a full or foreign /dev/shm must not break report()
+                log.warning("llm-observe: cannot make a spill file in %s (%s): spans still in memory are lost if "
+                            "the process is killed", directory, exc)
+            return self._spill
+
+    def _overflowed(self, item: tuple, cfg: Config) -> None:
+        with self._lock:
+            self._overflow.append(item)
+            if len(self._overflow) < OVERFLOW_CHUNK:
                 return
-            chunk, self._spill = self._spill, []
-        # The caller pays for this disk write, never for the network; amortised over SPILL_CHUNK spans.
+            chunk, self._overflow = self._overflow, []
+        # The caller pays for this disk write, never for the network; amortised over OVERFLOW_CHUNK spans.
         try:
-            self._write_wal([r for r in (self._prepare(s, sc, cfg) for s, sc in chunk) if r], cfg, reason="spill")
+            self._park(chunk, self._prepare_items(chunk, cfg), cfg, reason="spill")
         except Exception:  # noqa: BLE001
-            log.exception("llm-observe: could not spill %d spans to the WAL; they are lost", len(chunk))
+            log.exception("llm-observe: could not write %d spans to the WAL; they stay in the spill file only",
+                          len(chunk))
             self.stats["dropped"] += len(chunk)
 
     def _start(self) -> None:
@@ -309,20 +361,71 @@ class SpanReporter:
     # -- flushing -------------------------------------------------------------------
 
     def pending(self) -> int:
-        return len(self._queue) + len(self._spill) + (len(self._inflight) if self._inflight else 0)
+        inflight = self._inflight
+        return len(self._queue) + len(self._overflow) + (len(inflight[1]) if inflight else 0)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued span was sent or written to the WAL. True when that happened in time."""
+        """Deliver what waits, for at most `timeout` seconds. True when nothing is left undelivered.
+
+        True: every span reported before the call was accepted by the appliance (202),
+        rejected by it for good (counted in `stats["rejected"]`, `last_rejections`), or set
+        aside in the dead-letter file; and no row for this destination waits in the WAL,
+        whoever wrote it (an earlier run, another process, a killed process's spill file).
+        False: some are still queued or in the WAL (the appliance is down, slow, refuses
+        the key); they are safe there and go on being retried.
+        """
         deadline = time.monotonic() + timeout
-        if self._thread is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            return not self._queue
+        cfg = self.config
+        if self._thread is None:
+            if not cfg.enabled or not cfg.has_destination or self._stopped:
+                return not self._queue
+            if not self._queue and not self._work_on_disk(cfg):
+                return True
+            self._start()
+        if not self._drain(deadline):
+            return False
+        wal = self._get_wal(cfg, create=False)
+        if wal is None:
+            return True
+        try:
+            mark = wal.last_id(cfg.destination)  # rows written later are not this call's business
+            while wal.has_rows(cfg.destination, upto=mark):
+                if time.monotonic() >= deadline or self._stopped:
+                    return False
+                self._backlog = True  # also rows another process wrote (`llm-observe wal replay`)
+                self._wake.set()
+                time.sleep(0.02)
+        except Exception:  # noqa: BLE001 - an unreadable WAL: nothing can be said to be delivered
+            log.exception("llm-observe: cannot read the WAL %s", wal.path)
+            return False
+        return True
+
+    def _work_on_disk(self, cfg: Config) -> bool:
+        """WAL rows for this destination or spill files of dead processes: a sender must run."""
+        wal = self._get_wal(cfg, create=False)
+        try:
+            if wal is not None and wal.has_rows(cfg.destination):
+                return True
+        except Exception:  # noqa: BLE001
+            return False
+        directory, _ = _spill.spill_directory(cfg.spill_dir)
+        return directory is not None and bool(_spill.spill_files(directory, _spill.spill_key(cfg.resolved_wal_path())))
+
+    def _drain(self, deadline: float) -> bool:
+        """Wait until every queued span was sent or written to the WAL (durable either way)."""
+        if self._thread is None:
             return not self._queue
         with self._lock:
-            spill, self._spill = self._spill, []
-        for item in spill:
+            overflow, self._overflow = self._overflow, []
+        for item in overflow:
             self._queue.append(item)
+        # One whole cycle after this call: a new sender's first one also adopts dead processes' spill files.
+        target = self._cycles + 1
         while True:
             with self._idle:
-                if not self._queue and not self._busy:
+                if not self._queue and not self._busy and self._cycles >= target:
                     return True
                 self._wake.set()
                 remaining = deadline - time.monotonic()
@@ -337,14 +440,18 @@ class SpanReporter:
         if self._pid != os.getpid():
             return
         self._closing = True
-        done = self.flush(timeout) if self._thread is not None else True
+        # Durable is enough here (WAL or delivered): an exit must not wait for an appliance that is down.
+        done = self._drain(time.monotonic() + timeout) if self._thread is not None else True
         self._stopped = True
         self._wake.set()
-        if not done:
+        if not done or self._overflow:
             self._persist_leftovers(cfg)
         thread = self._thread
         if thread is not None and done:
             thread.join(timeout=max(0.1, min(1.0, timeout)))
+        spill = self._spill
+        if spill:
+            spill.close()  # removed when every span in it is done; otherwise left for the next process
         if done and (thread is None or not thread.is_alive()):
             if self._wal is not None:
                 self._wal.close()
@@ -354,23 +461,21 @@ class SpanReporter:
 
     def _persist_leftovers(self, cfg: Config) -> None:
         """Exit with the sender still busy (slow appliance): write queue and in-flight batch to the WAL."""
+        items: list = []
         rows: list[tuple[str | None, bytes]] = []
         inflight = self._inflight
-        if inflight:
-            rows.extend(inflight)  # may also reach the appliance: its span_id dedup keeps one copy
+        if inflight:  # may also reach the appliance: its span_id dedup keeps one copy
+            items.extend(inflight[0])
+            rows.extend(inflight[1])
         with self._lock:
-            spill, self._spill = self._spill, []
-        items = list(self._queue) + spill
+            overflow, self._overflow = self._overflow, []
+        queued = list(self._queue) + overflow
         self._queue.clear()
-        for span, scanned in items:
-            prepared = self._prepare(span, scanned, cfg)
-            if prepared:
-                rows.append(prepared)
-        if rows:
-            try:
-                self._write_wal(rows, cfg, from_exit=True)
-            except Exception:  # noqa: BLE001
-                log.exception("llm-observe: %d spans could not be written to the WAL at exit", len(rows))
+        rows.extend(self._prepare_items(queued, cfg))
+        try:
+            self._park(items + queued, rows, cfg, from_exit=True)
+        except Exception:  # noqa: BLE001
+            log.exception("llm-observe: %d spans could not be written to the WAL at exit", len(rows))
 
     # -- the sender thread ----------------------------------------------------------
 
@@ -389,6 +494,8 @@ class SpanReporter:
                 self._cycle(self.config)
             except Exception:  # noqa: BLE001 - the thread must survive anything
                 log.exception("llm-observe: sender error")
+                with self._idle:
+                    self._cycles += 1  # a failed cycle is still one: _drain() must not wait for it forever
                 time.sleep(0.5)
             finally:
                 with self._idle:
@@ -416,36 +523,39 @@ class SpanReporter:
                     items.append(queue.popleft())
                 except IndexError:
                     break
-            rows = [r for r in (self._prepare(span, kind, cfg) for span, kind in items) if r]
-            if not rows:
+            rows = self._prepare_items(items, cfg)
+            if not rows or backing_off:
+                self._park(items, rows, cfg)
                 continue
-            if backing_off:
-                self._write_wal(rows, cfg)
-                continue
-            self._inflight = rows
+            self._inflight = (items, rows)
             try:
                 outcome = self._send(rows, cfg)
             finally:
                 self._inflight = None
             if outcome == "ok":
                 self._backoff = 0.0
+                self._done(items)
             else:
-                self._write_wal(rows, cfg)
+                # A batch the appliance answered with a server error starts with one attempt counted.
+                self._park(items, rows, cfg, attempts=int(outcome == "blamed"))
                 self._failed(outcome)
-        if self._spill:  # overflow leftovers (fewer than SPILL_CHUNK)
+        if self._overflow:  # overflow leftovers (fewer than OVERFLOW_CHUNK)
             with self._lock:
-                spill, self._spill = self._spill, []
-            rows = [r for r in (self._prepare(span, kind, cfg) for span, kind in spill) if r]
-            self._write_wal(rows, cfg, reason="spill")
-        # Everything handed to report() so far is now sent or on disk: that is what flush() waits for.
+                overflow, self._overflow = self._overflow, []
+            self._park(overflow, self._prepare_items(overflow, cfg), cfg, reason="spill")
+        spill = self._spill
+        if spill:
+            spill.collect()
+        # Everything handed to report() so far is now sent or on disk: that is what _drain() waits for.
         with self._idle:
             self._busy = False
+            self._cycles += 1
             self._idle.notify_all()
         # Replay the WAL while the appliance answers, oldest rows first; fresh spans go first.
         while self._backlog and self._retry_at <= time.monotonic() and not self._stopped:
             if not self._replay_once(cfg):
                 break
-            if queue or self._spill:
+            if queue or self._overflow:
                 break
 
     def _replaying(self) -> bool:
@@ -453,6 +563,7 @@ class SpanReporter:
 
     def _check_wal(self, cfg: Config) -> None:
         self._next_wal_check = time.monotonic() + 30.0
+        self._adopt_orphans(cfg)
         wal = self._get_wal(cfg, create=False)
         if wal is None:
             self._backlog = False
@@ -474,18 +585,77 @@ class SpanReporter:
             if self._backlog:  # rows leased by another live process: look again later
                 self._retry_at = time.monotonic() + min(5.0, cfg.backoff_max)
             return False
-        ids = [row_id for row_id, _ in rows]
-        outcome = self._send([(None, body) for _, body in rows], cfg)
+        ids = [row.id for row in rows]
+        outcome = self._send([(row.span_id, row.body) for row in rows], cfg)
         if outcome == "ok":
             wal.delete(ids)
             self.stats["wal_replayed"] += len(ids)
             self._backoff = 0.0
             return True
+        if outcome == "blamed":
+            wal.blame(ids)
+            if max(row.attempts for row in rows) + 1 >= cfg.server_error_retries:
+                return self._isolate(wal, [row._replace(attempts=row.attempts + 1) for row in rows], cfg)
         wal.release(ids)
         self._failed(outcome)
         return False
 
+    def _isolate(self, wal: WriteAheadLog, rows: list[WalRow], cfg: Config) -> bool:
+        """A batch the appliance keeps answering with a server error: split it by halves until the
+        span(s) causing it stand alone, and set those aside in the dead-letter file.
+
+        A span is set aside only with proof that the appliance works: a 202 for another part of
+        the batch, or for any batch since the previous server error. Without it (every part fails:
+        the appliance is broken, not the spans) the rows stay in the WAL and are retried with
+        backoff, as when it is down. A span blamed alone gets one more try alone (a one-off 500
+        must not cost a good span). True when every row was settled.
+        """
+        proof = self._blame_proof
+        level, delivered, suspects, kept = [rows], [], [], []
+        while level:
+            blamed: list[list[WalRow]] = []
+            for index, part in enumerate(level):
+                halves = [part] if len(part) == 1 else [part[:len(part) // 2], part[len(part) // 2:]]
+                for position, half in enumerate(halves):
+                    outcome = self._send([(row.span_id, row.body) for row in half], cfg)
+                    if outcome == "ok":
+                        delivered.extend(half)
+                        proof = True
+                    elif outcome == "blamed":
+                        (suspects if len(part) == 1 else blamed).append(half)
+                    else:  # down, overloaded, refused: the rest waits in the WAL like any batch
+                        kept.extend(row for rest in halves[position:] + level[index + 1:] + blamed for row in rest)
+                        self._settle(wal, delivered, [], kept + [r for s in suspects for r in s], cfg)
+                        self._failed(outcome)
+                        return False
+            if not proof and blamed and not delivered:
+                kept.extend(row for part in blamed for row in part)  # nothing shows the spans are at fault
+                break
+            level = blamed
+        dead = [row for part in suspects for row in part] if proof else []
+        if not proof:
+            kept.extend(row for part in suspects for row in part)
+        self._settle(wal, delivered, dead, kept, cfg)
+        if kept:
+            self._failed("blamed")
+            return False
+        self._backoff = 0.0
+        return True
+
+    def _settle(self, wal: WriteAheadLog, delivered: list[WalRow], dead: list[WalRow], kept: list[WalRow],
+                cfg: Config) -> None:
+        wal.delete([row.id for row in delivered])
+        self.stats["wal_replayed"] += len(delivered)
+        if dead:
+            wal.bury(cfg.destination, [(row, self._blamed_by) for row in dead])
+            self.stats["dead_lettered"] += len(dead)
+            self._logs.warning("dead", "llm-observe: %d span(s) (e.g. %s) made %s answer %s, alone and again; set "
+                               "aside in %s (see `llm-observe wal list`)", len(dead), dead[0].span_id,
+                               cfg.target, self._blamed_by, wal.dead_path)
+        wal.release([row.id for row in kept])
+
     def _failed(self, outcome: str) -> None:
+        """Back off: 'transient' and 'blamed' exponentially, 'auth' at the longest delay."""
         cfg = self.config
         self._backlog = True
         self.stats["failed_posts"] += 1
@@ -519,28 +689,85 @@ class SpanReporter:
         self._wal_for = path
         return self._wal
 
+    def _prepare_items(self, items: list, cfg: Config) -> list[tuple[str | None, bytes]]:
+        return [r for r in (self._prepare(span, kind, cfg, when) for span, kind, when, _ in items) if r]
+
+    def _done(self, items: list) -> None:
+        """These spans are durable elsewhere: their spill records will not be replayed."""
+        spill = self._spill
+        if spill:
+            spill.mark_done([item[3] for item in items if item[3] is not None])
+
+    def _park(self, items: list, rows: list[tuple[str | None, bytes]], cfg: Config, *, from_exit: bool = False,
+              reason: str = "down", attempts: int = 0) -> None:
+        """Rows to the WAL; then, and only if that worked, their spill records are done."""
+        if self._write_wal(rows, cfg, from_exit=from_exit, reason=reason, attempts=attempts):
+            self._done(items)
+
     def _write_wal(self, rows: list[tuple[str | None, bytes]], cfg: Config, from_exit: bool = False,
-                   reason: str = "down") -> None:
+                   reason: str = "down", attempts: int = 0) -> bool:
         if not rows:
-            return
+            return True
         try:
             wal = self._get_wal(cfg, create=True)
-            wal.append(cfg.destination, rows)
+            wal.append(cfg.destination, rows, attempts=attempts)
         except Exception as exc:  # noqa: BLE001 - disk full, permissions: say so, keep going
             self.stats["dropped"] += len(rows)
-            self._logs.warning("walfail", "llm-observe: could not write %d spans to the WAL %s (%s); they are lost",
-                               len(rows), cfg.resolved_wal_path(), exc)
-            return
+            where = "the spill file keeps them for the next process" if self._spill else "they are lost"
+            self._logs.warning("walfail", "llm-observe: could not write %d spans to the WAL %s (%s); %s",
+                               len(rows), cfg.resolved_wal_path(), exc, where)
+            return False
         self._backlog = True
         self.stats["wal_written"] += len(rows)
         if from_exit:
-            return
+            return True
         if reason == "spill":
             self._logs.warning("spill", "llm-observe: more than %d spans waiting for %s; the excess is kept in %s",
                                cfg.queue_size, cfg.target, wal.path)
         elif self._retry_at > time.monotonic() or self.stats["failed_posts"]:
             self._logs.warning("wal", "llm-observe: %s not reachable; spans kept in %s and sent "
                                "when it is back", cfg.target, wal.path)
+        return True
+
+    def _adopt_orphans(self, cfg: Config) -> None:
+        """Replay the spill files of dead processes that used this WAL path into the WAL, then remove them.
+
+        Through the normal preparation (defaults, PII scan and redaction: what lands in the WAL
+        is what the dead process would have written), with the recorded report time as the
+        default timestamp. A file that cannot be read stays for the next look.
+        """
+        directory, _ = _spill.spill_directory(cfg.spill_dir)
+        if directory is None:
+            return
+        for orphan in _spill.orphans(directory, _spill.spill_key(cfg.resolved_wal_path())):
+            try:
+                dest = orphan.meta.get("destination") or cfg.destination
+                rows, offsets = [], []
+                for offset, kind, when, payload in orphan.records():
+                    offsets.append(offset)
+                    try:
+                        span = _loads(payload)
+                    except ValueError:
+                        self.stats["dropped"] += 1
+                        continue
+                    prepared = self._prepare(span, kind, cfg, when)
+                    if prepared:
+                        rows.append(prepared)
+                if rows:
+                    wal = self._get_wal(cfg, create=True)
+                    for start in range(0, len(rows), WAL_CHUNK):
+                        wal.append(dest, rows[start:start + WAL_CHUNK])
+                    self._backlog = True
+                    self.stats["spill_recovered"] += len(rows)
+                    self.stats["wal_written"] += len(rows)
+                    log.warning("llm-observe: %d span(s) of a process that ended without sending them (pid %s) "
+                                "recovered from %s into the WAL", len(rows), orphan.meta.get("pid"), orphan.path)
+                orphan.mark_done(offsets)
+                orphan.remove()
+            except Exception:  # noqa: BLE001
+                log.exception("llm-observe: cannot replay the spill file %s", orphan.path)
+            finally:
+                orphan.close()
 
     def _send(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
         """Deliver one batch with the configured transport: 'ok', 'transient' or 'auth' (keep the rows)."""
@@ -610,13 +837,13 @@ class SpanReporter:
     # -- HTTP -----------------------------------------------------------------------
 
     def _post(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
-        """POST one batch. 'ok' (202, rejected spans logged), 'transient' or 'auth' (keep the rows)."""
+        """POST one batch. 'ok': every span is stored or rejected for good. Keep the rows on
+        'transient' (no answer, or one about the appliance: 502/503/504/429...), 'auth' (401/403)
+        and 'blamed' (a server error that may come from the batch's content: 500 and the rest)."""
         self._retry_after = None
         body = b"[" + b",".join(body for _, body in rows) + b"]"
         if len(body) > MAX_BODY_BYTES and len(rows) > 1:
-            half = len(rows) // 2
-            first = self._post(rows[:half], cfg)
-            return first if first != "ok" else self._post(rows[half:], cfg)
+            return self._post_halves(rows, cfg)
         transport = self._transport
         if transport is None or transport.base_url != cfg.url or transport.api_key != cfg.api_key:
             if transport is not None:
@@ -632,27 +859,69 @@ class SpanReporter:
             self._accepted(rows, data)
             return "ok"
         if status == 413 and len(rows) > 1:
-            half = len(rows) // 2
-            first = self._post(rows[:half], cfg)
-            return first if first != "ok" else self._post(rows[half:], cfg)
+            return self._post_halves(rows, cfg)
         if status in (401, 403):
             self._logs.warning(f"auth{status}", "llm-observe: %s answered %s (%s): check LLM_OBSERVE_API_KEY; "
                                "spans are kept in the WAL", cfg.url, status, _error_text(data))
             return "auth"
-        if status in (404, 408, 409, 425, 429) or status >= 500:
+        if status in TRANSIENT_STATUSES:
             self._retry_after = reply.retry_after
             self._logs.warning(f"http{status}", "llm-observe: %s answered %s (%s); retrying with backoff",
                                cfg.url, status, _error_text(data))
             return "transient"
-        # Any other 4xx (400: no valid span in the batch, 413 for one span): retrying cannot help.
+        if status >= 500:
+            self._retry_after = reply.retry_after
+            self._blame_proof = self._oks != self._oks_at_blame
+            self._oks_at_blame = self._oks
+            self._blamed_by = f"HTTP {status}: {_error_text(data)}"
+            self._logs.warning(f"http{status}", "llm-observe: %s answered %s (%s); retrying with backoff, then "
+                               "looking for the span that causes it", cfg.url, status, _error_text(data))
+            return "blamed"
+        return self._refused(rows, status, data, cfg)
+
+    def _post_halves(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
+        half = len(rows) // 2
+        first = self._post(rows[:half], cfg)
+        return first if first != "ok" else self._post(rows[half:], cfg)
+
+    def _refused(self, rows: list[tuple[str | None, bytes]], status: int, data: Any, cfg: Config) -> str:
+        """A 4xx about the spans (400: no valid span, 413 for one span, ...): final for the spans it names.
+
+        Nothing of a 4xx batch was stored. The spans named in `rejected` are dropped with their
+        reasons; the others are sent again. A 4xx that names none is final for a lone span and
+        splits a larger batch, so that one bad span does not cost the good ones.
+        """
         rejected = data.get("rejected") if isinstance(data, dict) else None
-        self.stats["rejected"] += len(rows)
-        self.last_rejections.extend(rejected or [{"rule": f"http_{status}", "reason": _error_text(data)}])
-        self._logs.warning(f"reject{status}", "llm-observe: %s rejected a batch of %d spans with %s (%s); dropped",
-                           cfg.url, len(rows), status, _error_text(data))
+        named: dict[int, dict] = {}
+        if isinstance(rejected, list):
+            positions = {span_id: i for i, (span_id, _) in enumerate(rows) if span_id is not None}
+            for entry in rejected:
+                if not isinstance(entry, dict):
+                    continue
+                index = entry.get("index")
+                if not (isinstance(index, int) and 0 <= index < len(rows)):
+                    index = positions.get(entry.get("span_id"))
+                if index is not None:
+                    named[index] = entry
+        if len(rows) > 1 and len(named) < len(rows):
+            if named:
+                self._dropped_by_appliance(list(named.values()), status, data, cfg)
+                return self._post([row for i, row in enumerate(rows) if i not in named], cfg)
+            return self._post_halves(rows, cfg)
+        entries = [named.get(i) or {"span_id": span_id, "rule": f"http_{status}", "reason": _error_text(data)}
+                   for i, (span_id, _) in enumerate(rows)]
+        self._dropped_by_appliance(entries, status, data, cfg)
         return "ok"
 
+    def _dropped_by_appliance(self, entries: list[dict], status: int, data: Any, cfg: Config) -> None:
+        self.stats["rejected"] += len(entries)
+        self.last_rejections.extend(entries)
+        self._logs.warning(f"reject{status}", "llm-observe: %s rejected %d span(s) with %s (%s), e.g. span %s: "
+                           "%s; dropped", cfg.url, len(entries), status, _error_text(data),
+                           entries[0].get("span_id"), entries[0].get("reason"))
+
     def _accepted(self, rows: list, data: Any) -> None:
+        self._oks += 1
         rejected = data.get("rejected") if isinstance(data, dict) else None
         duplicates = data.get("duplicates", 0) if isinstance(data, dict) else 0
         self.stats["sent"] += len(rows) - len(rejected or ())
@@ -666,22 +935,22 @@ class SpanReporter:
 
     # -- preparing a span -----------------------------------------------------------
 
-    def _prepare(self, span: dict, kind: int, cfg: Config) -> tuple[str | None, bytes] | None:
+    def _prepare(self, span: dict, kind: int, cfg: Config, when: float | None = None) -> tuple[str | None, bytes] | None:
         try:
-            return self._prepare_unsafe(span, kind, cfg)
+            return self._prepare_unsafe(span, kind, cfg, when)
         except Exception:  # noqa: BLE001
             log.exception("llm-observe: dropping a span that cannot be serialised")
             self.stats["dropped"] += 1
             return None
 
-    def _prepare_unsafe(self, span: dict, kind: int, cfg: Config) -> tuple[str | None, bytes]:
+    def _prepare_unsafe(self, span: dict, kind: int, cfg: Config, when: float | None) -> tuple[str | None, bytes]:
         """Defaults, timestamps, bounds, PII scan + redaction, JSON. Runs on the sender thread."""
         if not span.get("service_name"):
             span["service_name"] = self._overrides.get("service_name") or cfg.service_name
         if cfg.environment and not span.get("environment"):
             span["environment"] = cfg.environment
         ts = span.get("timestamp_utc")
-        span["timestamp_utc"] = _iso(ts if ts is not None else time.time())
+        span["timestamp_utc"] = _iso(ts if ts is not None else (when or time.time()))
         if kind == EXTERNAL:
             self._normalise_external(span)
         elif "finish_reason" in span:
@@ -785,6 +1054,8 @@ class SpanReporter:
         # The child starts empty: the parent still owns (and sends) what it had queued.
         overrides, source, cached = self._overrides, self._cfg_source, self._cfg_cached
         wal, wal_for = self._wal, self._wal_for
+        if self._spill:
+            self._spill.abandon_in_child()  # the parent's files and lock stay the parent's; ours come at the first span
         if self._kafka is not None:
             # librdkafka's threads did not survive the fork: the parent's producer must be neither
             # used nor destroyed here (destroying waits for those threads). Kept, never touched.
@@ -864,7 +1135,7 @@ def _after_fork_in_child() -> None:
 def _at_exit() -> None:
     for reporter in list(_REPORTERS):
         try:
-            if reporter._pid == os.getpid() and (reporter._thread is not None or reporter._spill):
+            if reporter._pid == os.getpid() and (reporter._thread is not None or reporter._overflow):
                 reporter.close()
         except Exception:  # noqa: BLE001
             log.exception("llm-observe: flush at exit failed")

@@ -1,8 +1,10 @@
-"""`llm-observe start|status|stop|check`.
+"""`llm-observe start|status|stop|check|wal`.
 
 start/status/stop drive the all-in-one appliance container with the docker CLI
 (flags of instrumentation-sdk 1.8.1); check verifies LLM_OBSERVE_URL and
-LLM_OBSERVE_API_KEY against a running appliance. Exit status 0 on success, 1 otherwise.
+LLM_OBSERVE_API_KEY against a running appliance; `wal status|list|replay|purge|recover`
+shows and manages the SDK's local files (the WAL, its dead letters, spill files of
+killed processes). Exit status 0 on success, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -213,6 +215,148 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(ok for ok, _ in results) else 1
 
 
+# -- llm-observe wal ----------------------------------------------------------------------
+
+
+def _when(epoch: float | None) -> str:
+    if not epoch:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _wal_for(args: argparse.Namespace):
+    """The WriteAheadLog named by --wal or the SDK's configuration, or None when there is none."""
+    from pathlib import Path
+
+    from instrumentation_sdk._config import config_from_env
+    from instrumentation_sdk._wal import WriteAheadLog
+
+    path = Path(args.wal) if args.wal else config_from_env().resolved_wal_path()
+    return WriteAheadLog(path), path
+
+
+def cmd_wal_status(args: argparse.Namespace) -> int:
+    from instrumentation_sdk import _spill
+    from instrumentation_sdk._config import config_from_env
+
+    wal, path = _wal_for(args)
+    report: dict = {"wal": str(path), "destinations": [], "dead_letters": 0, "dead_letter_file": str(wal.dead_path),
+                    "spill_files": []}
+    try:
+        if path.exists():
+            report["destinations"] = wal.summary()
+        report["dead_letters"] = wal.dead_count()
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: say so
+        return _err(f"cannot read {path}: {exc}")
+    finally:
+        wal.close()
+    directory, why = _spill.spill_directory(config_from_env().spill_dir)
+    if directory is not None:
+        report["spill_files"] = _spill.describe(directory, _spill.spill_key(path))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"WAL {path}" + ("" if path.exists() else " (none yet)"))
+    for dest in report["destinations"]:
+        print(f"  {dest['dest'] or '(no destination)'}: {dest['rows']} span(s) waiting, {dest['leased'] or 0} being "
+              f"sent now, oldest {_when(dest['oldest'])}, most server errors for one span {dest['max_attempts']}")
+    print(f"dead letters: {report['dead_letters']} in {wal.dead_path}"
+          + ("  (`llm-observe wal list`)" if report["dead_letters"] else ""))
+    if directory is None:
+        print(f"spill files: off ({why})")
+    else:
+        orphans = [f for f in report["spill_files"] if not f["alive"]]
+        print(f"spill files in {directory}: {len(report['spill_files'])} ({len(orphans)} of ended processes, "
+              f"{sum(f['pending'] or 0 for f in orphans)} span(s) to recover: the next process using this WAL "
+              f"does it, or `llm-observe wal recover`)")
+    return 0
+
+
+def cmd_wal_list(args: argparse.Namespace) -> int:
+    wal, path = _wal_for(args)
+    if not wal.dead_path.exists():
+        print(f"no dead letters ({wal.dead_path} does not exist)")
+        return 0
+    try:
+        rows = wal.dead_rows(limit=args.limit)
+    except Exception as exc:  # noqa: BLE001
+        return _err(f"cannot read {wal.dead_path}: {exc}")
+    finally:
+        wal.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no dead letters in {wal.dead_path}")
+        return 0
+    print(f"{'span_id':<34} {'set aside (UTC)':<21} {'tries':>5}  reason")
+    for row in rows:
+        print(f"{str(row['span_id']):<34} {_when(row['dead_at']):<21} {row['attempts']:>5}  {row['reason']}")
+    return 0
+
+
+def cmd_wal_replay(args: argparse.Namespace) -> int:
+    wal, path = _wal_for(args)
+    if not wal.dead_path.exists():
+        print(f"no dead letters ({wal.dead_path} does not exist)")
+        return 1 if args.span_id else 0
+    try:
+        wanted = args.span_id or None
+        if wanted:
+            missing = set(wanted) - {row["span_id"] for row in wal.dead_rows(span_ids=wanted)}
+            if missing:
+                return _err(f"not among the dead letters: {', '.join(sorted(missing))}")
+        moved = wal.dead_replay(span_ids=wanted)
+    except Exception as exc:  # noqa: BLE001
+        return _err(f"cannot move dead letters back to {path}: {exc}")
+    finally:
+        wal.close()
+    print(f"moved {moved} dead letter(s) back to {path}: the next process that uses it sends them"
+          if moved else "no dead letters to replay")
+    return 0
+
+
+def cmd_wal_purge(args: argparse.Namespace) -> int:
+    if not (args.all or args.span_id or args.older_than is not None):
+        return _err("say what to delete: --all, --span-id ID (repeatable) or --older-than DAYS")
+    wal, path = _wal_for(args)
+    if not wal.dead_path.exists():
+        print(f"no dead letters ({wal.dead_path} does not exist)")
+        return 0
+    try:
+        older = time.time() - args.older_than * 86400 if args.older_than is not None else None
+        removed = wal.dead_purge(span_ids=args.span_id or None, older_than=older)
+    except Exception as exc:  # noqa: BLE001
+        return _err(f"cannot delete from {wal.dead_path}: {exc}")
+    finally:
+        wal.close()
+    print(f"deleted {removed} dead letter(s) from {wal.dead_path}")
+    return 0
+
+
+def cmd_wal_recover(args: argparse.Namespace) -> int:
+    """Spill files of ended processes -> the WAL, for when no process will use this WAL path again soon."""
+    from dataclasses import replace
+
+    from instrumentation_sdk._config import config_from_env
+    from instrumentation_sdk._reporter import SpanReporter
+
+    cfg = config_from_env()
+    if args.wal:
+        cfg = replace(cfg, wal_path=args.wal)
+    reporter = SpanReporter(wal_path=cfg.wal_path, url=cfg.url or "http://unset.invalid")
+    try:
+        reporter._adopt_orphans(reporter.config)
+    except Exception as exc:  # noqa: BLE001
+        return _err(f"cannot recover the spill files: {exc}")
+    finally:
+        if reporter._wal is not None:
+            reporter._wal.close()
+    count = reporter.stats["spill_recovered"]
+    print(f"recovered {count} span(s) into {cfg.resolved_wal_path()}" if count else "no spill files to recover")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-observe", description="Run and check an llm-observe appliance.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -246,6 +390,35 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--api-key", default=None)
     chk.add_argument("--timeout", type=float, default=10.0)
     chk.set_defaults(func=cmd_check)
+
+    wal = sub.add_parser("wal", help="the SDK's local files: WAL, dead letters, spill files")
+    wal_sub = wal.add_subparsers(dest="wal_command", required=True)
+
+    def wal_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--wal", default=None, help="the WAL file (default: LLM_OBSERVE_WAL_PATH or the SDK's default)")
+
+    p = wal_sub.add_parser("status", help="spans waiting in the WAL, dead letters, spill files")
+    wal_flag(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_wal_status)
+    p = wal_sub.add_parser("list", help="the dead letters: span_id, when, attempts, reason")
+    wal_flag(p)
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_wal_list)
+    p = wal_sub.add_parser("replay", help="move dead letters back to the WAL, to be sent again")
+    wal_flag(p)
+    p.add_argument("--span-id", action="append", default=[], help="only this span (repeatable); default: all")
+    p.set_defaults(func=cmd_wal_replay)
+    p = wal_sub.add_parser("purge", help="delete dead letters")
+    wal_flag(p)
+    p.add_argument("--all", action="store_true")
+    p.add_argument("--span-id", action="append", default=[])
+    p.add_argument("--older-than", type=float, default=None, metavar="DAYS")
+    p.set_defaults(func=cmd_wal_purge)
+    p = wal_sub.add_parser("recover", help="put the spans of ended processes' spill files into the WAL")
+    wal_flag(p)
+    p.set_defaults(func=cmd_wal_recover)
     return parser
 
 

@@ -23,7 +23,8 @@ from tests.sdk.sink import IngestSink  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 SDK_ENV = ("LLM_OBSERVE_URL", "LLM_OBSERVE_API_KEY", "LLM_OBSERVE_SERVICE", "LLM_OBSERVE_SERVICE_NAME",
            "LLM_OBSERVE_ENVIRONMENT", "LLM_OBSERVE_SAMPLING", "LLM_OBSERVE_WAL_PATH", "LLM_OBSERVE_DISABLED",
-           "OTEL_SERVICE_NAME", "DEPLOYMENT_ENV")
+           "LLM_OBSERVE_SPILL", "LLM_OBSERVE_SPILL_DIR", "OTEL_SERVICE_NAME", "DEPLOYMENT_ENV")
+SHM = Path("/dev/shm")
 
 
 class MemoryReporter:
@@ -45,12 +46,17 @@ def clean_sdk(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LLM_OBSERVE_WAL_PATH", str(tmp_path / "wal.sqlite3"))
     monkeypatch.setenv("LLM_OBSERVE_EXIT_FLUSH_TIMEOUT", "1")
+    # Each test's spill files in a folder of its own (on tmpfs, like the default), removed after it:
+    # the spill files of processes a test kills are not left in /dev/shm.
+    spill_dir = (SHM if SHM.is_dir() else tmp_path) / f"llm-observe-test-{os.getpid()}-{tmp_path.name}"
+    monkeypatch.setenv("LLM_OBSERVE_SPILL_DIR", str(spill_dir))
     _config.reset_config()
     previous = sdk.set_reporter(None)
     yield
     current = sdk.set_reporter(previous)
     if isinstance(current, sdk.SpanReporter):
         current.close(timeout=1)
+    shutil.rmtree(spill_dir, ignore_errors=True)
     sdk.uninstrument_all()
     _reporter.set_metrics_hook(None)
     _config.reset_config()

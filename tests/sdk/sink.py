@@ -3,6 +3,11 @@
 Answers like the appliance (202 {accepted, duplicates, rejected}) and can be told to
 fail: `sink.script = [503, 503]` answers the next two requests with 503, `sink.down()`
 stops listening altogether (connection refused), `sink.up()` listens again on the same port.
+Content-driven failures, as a real server has them: `sink.reject(span)` returning a reason
+rejects that span (202 with `rejected`, 400 when none is valid); `sink.poison(span)` true for
+any span of a request answers the whole request 500 (a server that crashes on one span);
+`sink.refuse(span)` true answers the whole request 400 without saying which span;
+`sink.all_or_nothing = True` answers 400 (naming the rejected spans) instead of a partial 202.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _answer(self, status: int, payload: Any) -> None:
+        if self.command == "POST":
+            self.server.sink.answers.append((status, self.server.sink.requests[-1].get("spans")))
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -56,6 +63,12 @@ class _Handler(BaseHTTPRequestHandler):
         spans = json.loads(raw)
         if isinstance(spans, dict):
             spans = [spans]
+        sink.requests[-1]["spans"] = len(spans)
+        poison, refuse = sink.poison, sink.refuse
+        if poison and any(poison(span) for span in spans):
+            return self._answer(500, {"error": "Recursion limit reached", "rule": "internal"})
+        if refuse and any(refuse(span) for span in spans):
+            return self._answer(400, {"error": "invalid body", "rule": "invalid_value"})
         accepted, duplicates, rejected = 0, 0, []
         for index, span in enumerate(spans):
             reason = sink.reject(span) if sink.reject else None
@@ -71,7 +84,10 @@ class _Handler(BaseHTTPRequestHandler):
                     sink.by_id[span["span_id"]] = span
                     sink.spans.append(span)
             accepted += 1
-        if not accepted:
+        if not accepted or (rejected and sink.all_or_nothing):
+            for span in spans if accepted else ():  # nothing of a 400 is stored
+                if sink.by_id.pop(span["span_id"], None) is not None:
+                    sink.spans.remove(span)
             return self._answer(400, {"error": "no valid span", "rule": "invalid_value", "rejected": rejected})
         self._answer(202, {"success": True, "accepted": accepted, "duplicates": duplicates,
                            "rejected": rejected, "span_warnings": []})
@@ -96,6 +112,10 @@ class IngestSink:
         self.script: list[int] = []
         self.delay = 0.0
         self.reject = None
+        self.poison = None
+        self.refuse = None
+        self.all_or_nothing = False  # any rejected span: 400 for the request, nothing stored
+        self.answers: list[tuple[int, int | None]] = []  # (status, spans in the request) of each POST
         self.port = 0
         self._server: _Server | None = None
         self.up()

@@ -153,7 +153,7 @@ def test_without_an_api_key_spans_wait_in_the_wal(tmp_path):
     sdk.set_reporter(reporter)
     for i in range(5):
         reporter.report({"span_id": f"nokey-{i}"})
-    assert reporter.flush(10)
+    assert not reporter.flush(1)  # undelivered, but safe:
     assert wal_rows(tmp_path / "wal.sqlite3") == 5 and reporter.stats["sent"] == 0
 
 

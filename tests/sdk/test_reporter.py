@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -91,10 +92,16 @@ def test_report_never_waits_for_a_slow_appliance(sink, delivered):
     delivered.report({"span_id": "warm"})
     time.sleep(0.1)  # the sender is now inside a slow POST
     worst = 0.0
-    for i in range(3000):
-        started = time.perf_counter()
-        delivered.report({"span_id": f"s-{i}"})
-        worst = max(worst, time.perf_counter() - started)
+    # A full collection of the test process's heap (~200k objects) alone can take 60 ms here:
+    # that is the interpreter's pause, not report() waiting, so the heap so far is left out of it.
+    gc.freeze()
+    try:
+        for i in range(3000):
+            started = time.perf_counter()
+            delivered.report({"span_id": f"s-{i}"})
+            worst = max(worst, time.perf_counter() - started)
+    finally:
+        gc.unfreeze()
     assert worst < 0.05, f"report() took {worst * 1000:.1f} ms"
     sink.delay = 0
     assert sink.wait_for(3001, timeout=20)
@@ -106,16 +113,15 @@ def test_outage_goes_to_the_wal_and_is_replayed_in_order(sink, delivered, tmp_pa
     ids = [f"o-{i:04d}" for i in range(300)]
     for span_id in ids:
         delivered.report({"span_id": span_id})
-    assert delivered.flush(5)
+    started = time.monotonic()
+    assert not delivered.flush(1)  # nothing delivered: False, at the deadline, not before
+    assert 1 <= time.monotonic() - started < 3
     wal = tmp_path / "wal.sqlite3"
-    assert wal_rows(wal) == 300
+    assert wal_rows(wal) == 300  # ...but all of it safe in the WAL
     sink.up()
-    assert sink.wait_for(300, timeout=15)
-    assert [s["span_id"] for s in sink.spans] == ids
-    deadline = time.monotonic() + 5
-    while wal_rows(wal) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert wal_rows(wal) == 0 and sink.duplicates == 0
+    assert delivered.flush(15)  # True once the WAL is empty
+    assert wal_rows(wal) == 0
+    assert [s["span_id"] for s in sink.spans] == ids and sink.duplicates == 0
 
 
 def test_5xx_and_429_are_retried(sink, delivered):
@@ -148,8 +154,7 @@ def test_rejected_spans_are_logged_and_not_retried(sink, delivered, caplog):
 def test_auth_failure_keeps_spans_until_the_key_is_fixed(sink, delivered):
     sdk.configure(api_key="wrong")
     delivered.report({"span_id": "kept"})
-    assert delivered.flush(5)
-    time.sleep(0.2)
+    assert not delivered.flush(0.5)
     assert sink.spans == [] and wal_rows(delivered.config.resolved_wal_path()) == 1
     sdk.configure(api_key=sink.key, backoff_max=0.2)
     delivered.report({"span_id": "after"})
@@ -288,18 +293,18 @@ def test_wal_leases_and_dead_owners(tmp_path):
     first = a.claim("dest", limit=6, max_bytes=10**6, lease_seconds=60)
     second = b.claim("dest", limit=6, max_bytes=10**6, lease_seconds=60)
     assert len(first) == 6 and len(second) == 4
-    assert not {r for r, _ in first} & {r for r, _ in second}
+    assert not {r.id for r in first} & {r.id for r in second}
     assert b.claim("dest", limit=6, max_bytes=10**6, lease_seconds=60) == []
     # a leaseholder that died: its rows become claimable again
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     with sqlite3.connect(path) as conn:
         host = a.owner.split(":")[0]
-        conn.execute("UPDATE spans SET lease_owner = ? WHERE id IN (%s)" % ",".join(str(r) for r, _ in first),
+        conn.execute("UPDATE spans SET lease_owner = ? WHERE id IN (%s)" % ",".join(str(r.id) for r in first),
                      (f"{host}:{dead.pid}:dead",))
     assert b.release_dead_leases() == 6
     assert len(b.claim("dest", limit=10, max_bytes=10**6, lease_seconds=60)) == 6
-    b.delete([r for r, _ in second])
+    b.delete([r.id for r in second])
     assert a.count("dest") == 6
     assert a.claim("other", limit=10, max_bytes=10**6, lease_seconds=60) == []
 
@@ -325,8 +330,8 @@ def test_unwritable_default_wal_location_falls_back_to_a_temp_folder(sink, monke
     sdk.set_reporter(reporter)
     sink.down()
     reporter.report({"span_id": "fallback"})
-    assert reporter.flush(5)
+    assert not reporter.flush(0.5)
     assert reporter.stats["wal_written"] == 1 and reporter.stats["dropped"] == 0
     assert str(reporter._wal.path).startswith(tempfile.gettempdir())
     sink.up()
-    assert sink.wait_for(1, timeout=10)
+    assert reporter.flush(10) and len(sink.spans) == 1
