@@ -6,7 +6,9 @@ Spans are read back through the appliance's own API (GET /v1/spans).
 from __future__ import annotations
 
 import asyncio
+import mmap
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -195,19 +197,18 @@ reporter = get_reporter()
 for i in range(start, start + count):
     reporter.report({"span_id": f"{prefix}-{i:05d}", "model": "gpt-4o-mini", "provider": "openai",
                      "prompt_tokens": 10, "completion_tokens": 2, "status": "success", "prompt": f"question {i}"})
-reporter.flush(30)
-print("reported", flush=True)
+print("reported", reporter.flush(2), flush=True)   # False: the appliance is down, the spans wait in the WAL
 sys.stdin.readline()   # run until the test says stop
 ok = reporter.flush(30)
 print("flushed", ok, reporter.stats, flush=True)
 '''
 
 
-def wal_count(path: Path) -> int:
+def wal_count(path: Path, table: str = "spans") -> int:
     if not path.exists():
         return 0
     with sqlite3.connect(path, timeout=10) as conn:
-        return conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
 def test_outage_with_a_host_restart_stores_every_span_exactly_once(appliance, tmp_path):
@@ -230,13 +231,13 @@ def test_outage_with_a_host_restart_stores_every_span_exactly_once(appliance, tm
     stop_appliance(appliance.app)
     try:
         first = host(0)
-        assert first.stdout.readline().strip() == "reported"
+        assert first.stdout.readline().strip() == "reported False"
         assert wal_count(wal) == 5000  # all of it safe on disk...
         first.send_signal(signal.SIGKILL)  # ...so the crash loses nothing
         first.wait(timeout=30)
 
         second = host(5000)
-        assert second.stdout.readline().strip() == "reported"
+        assert second.stdout.readline().strip() == "reported False"
         assert wal_count(wal) == 10_000
         time.sleep(1)
     finally:
@@ -260,6 +261,103 @@ def test_outage_with_a_host_restart_stores_every_span_exactly_once(appliance, tm
     finally:
         if second.poll() is None:
             second.kill()
+
+
+def test_a_poison_span_does_not_hold_up_its_batch_on_the_real_appliance(appliance, to_appliance, tmp_path):
+    """1 poison + 99 good spans in one batch: 99 stored, the poison set aside, the WAL empty, new spans flow.
+
+    The poison is a timestamp no database can hold. Before per-span isolation on the server the
+    appliance answered the whole batch 500: the SDK then splits it and dead-letters the span.
+    With isolation it answers 202 naming the span in `rejected` (400 when alone): dropped, counted.
+    """
+    service, reporter = to_appliance
+    sdk.configure(batch_size=100, flush_interval=5, backoff_initial=0.05, backoff_max=0.2)
+    ids = [f"{service}-{i:03d}" for i in range(100)]
+    for i, span_id in enumerate(ids):
+        span = {"span_id": span_id, "model": "gpt-4o-mini", "provider": "openai", "prompt_tokens": 3}
+        if i == 42:
+            span["timestamp_utc"] = 1e30
+        reporter.report(span)
+    assert reporter.flush(60)
+    stored = {i["span_id"] for i in appliance.wait_for_spans(99, service=service)}
+    assert stored == set(ids) - {ids[42]}
+    wal = tmp_path / "wal.sqlite3"
+    assert wal_count(wal) == 0
+    dead = wal_count(wal.with_name("wal.dead.sqlite3"), "dead")
+    rejected = [r for r in reporter.last_rejections if r.get("span_id") == ids[42]]
+    assert dead + len(rejected) == 1 and reporter.stats["dead_lettered"] + reporter.stats["rejected"] == 1
+    for i in range(5):
+        reporter.report({"span_id": f"{service}-after-{i}", "model": "gpt-4o-mini"})
+    assert reporter.flush(30)
+    assert len(appliance.wait_for_spans(104, service=service)) == 104
+
+
+KILLED = '''
+import mmap, os, sys
+from instrumentation_sdk import get_reporter
+prefix, total = sys.argv[1], int(sys.argv[2])
+with open(sys.argv[3], "r+b") as f:
+    progress = mmap.mmap(f.fileno(), 8)
+reporter = get_reporter()
+i = int.from_bytes(progress[:8], "little")
+while i < total:
+    # span i always has the same id: re-reporting the one a kill interrupted is deduplicated
+    reporter.report({"span_id": f"{prefix}-{i:05d}", "model": "gpt-4o-mini", "provider": "openai",
+                     "prompt_tokens": 10, "completion_tokens": 2, "status": "success",
+                     "prompt": f"question {i}: call me at 555-867-5309"})
+    i += 1
+    progress[:8] = i.to_bytes(8, "little")   # after report() returned: the test counts it as reported
+sys.stdin.readline()
+'''
+
+
+def test_sigkill_at_random_moments_loses_no_span(appliance, tmp_path):
+    """A process reporting 10,000 spans at full speed is SIGKILLed at random moments, 5 times, and once
+    right after its last report; each new process on the same WAL delivers what the dead ones had not:
+    exactly 10,000 stored, none twice."""
+    total, kills = 10_000, 5
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    service, prefix = f"sigkill-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex[:8]
+    (tmp_path / "killed.py").write_text(KILLED)
+    progress_path = tmp_path / "progress"
+    progress_path.write_bytes(bytes(8))
+    progress = mmap.mmap(os.open(progress_path, os.O_RDWR), 8)
+    env = {**os.environ, "LLM_OBSERVE_URL": appliance.url, "LLM_OBSERVE_API_KEY": appliance.key,
+           "LLM_OBSERVE_SERVICE": service, "LLM_OBSERVE_WAL_PATH": str(tmp_path / "wal.sqlite3"),
+           "LLM_OBSERVE_BACKOFF_MAX": "1", "PYTHONPATH": str(ROOT)}
+
+    def reported() -> int:
+        return int.from_bytes(progress[:8], "little")
+
+    killed_at = []
+    for run in range(kills + 1):
+        start = reported()
+        # the last run reports to the end, the others die at a random point of their share
+        target = total if run == kills else start + rng.randint(1, (total - start) // (kills - run))
+        child = subprocess.Popen([sys.executable, str(tmp_path / "killed.py"), prefix, str(total),
+                                  str(progress_path)], env=env, stdin=subprocess.PIPE, cwd=ROOT)
+        deadline = time.monotonic() + 30
+        while reported() < target and child.poll() is None and time.monotonic() < deadline:
+            pass  # spin: the kill lands a few spans past the target, wherever report() happens to be
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL, f"seed {seed}"
+        killed_at.append(reported())
+    assert reported() == total, f"seed {seed}, killed at {killed_at}"
+
+    # A process that reports nothing still adopts the last one's spill files and sends everything.
+    recover = subprocess.run([sys.executable, "-c", "import sys\nfrom instrumentation_sdk import get_reporter\n"
+                              "r = get_reporter()\nok = r.flush(60)\nprint(ok, r.stats['spill_recovered'])"],
+                             env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert recover.returncode == 0, recover.stderr
+    ok, recovered = recover.stdout.split()
+    assert ok == "True" and int(recovered) > 0, f"seed {seed}: {recover.stdout}"  # the last kill left spans unsent
+    items = appliance.wait_for_spans(total, timeout=60, service=service)
+    ids = [i["span_id"] for i in items]
+    assert len(ids) == total and set(ids) == {f"{prefix}-{i:05d}" for i in range(total)}, \
+        f"seed {seed}, killed at {killed_at}: {len(ids)} stored, {len(set(ids))} distinct"
+    assert all("867-5309" not in i["prompt"] for i in items)  # replayed spans were redacted like the others
+    assert wal_count(tmp_path / "wal.sqlite3") == 0
 
 
 def test_cli_check_against_the_appliance(appliance):
