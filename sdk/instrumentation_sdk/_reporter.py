@@ -1,32 +1,53 @@
-"""Span delivery: `report()` appends to memory and returns; one background thread does the rest.
+"""Span delivery: `report()` hands the span over in microseconds; one background thread does the rest.
 
 Path of a span:
 
-    report() -> bounded in-memory deque --(sender thread, every flush_interval or
-    batch_size spans)--> prepare (defaults, PII scan + redaction, JSON) -->
+    report() -> serialised into this process's spill file (a memory-mapped file on /dev/shm,
+    see _spill.py) and appended to a bounded in-memory deque --(sender thread, every
+    flush_interval or batch_size spans)--> prepare (defaults, PII scan + redaction, JSON) -->
       appliance healthy and no backlog: gzip POST /v1/spans, done on 202
       otherwise (refused, timeout, 5xx, 429, 401/403): append to the SQLite WAL
-    WAL rows are replayed oldest first once the appliance answers again and
-    deleted only after its 202.
+    WAL rows are replayed oldest first once the appliance answers again and deleted only
+    after its 202. A span's spill record is marked done once the span is durable elsewhere
+    (202, a final 4xx, the WAL); a later process on the same WAL path replays the records
+    of a dead one that were not done (through the same prepare step), then removes its files.
 
-Queue full (the appliance is slower than the application): the caller's span goes
-to a small spill list that is written to the WAL in chunks, so memory stays bounded
-and nothing is dropped. At interpreter exit the queue is flushed (bounded by
+Answers: a 4xx is final for the spans it names (counted in stats["rejected"] and
+last_rejections; a 4xx naming none splits the batch to find them). A refused connection,
+a timeout, 401/403, 429 and 502/503/504 are retried with backoff for as long as it takes.
+Any other 5xx may be caused by the batch's content: after `server_error_retries` such
+answers the batch is split by halves until the culprit stands alone; with proof that the
+appliance accepts other spans, it goes to the dead-letter file next to the WAL
+(`llm-observe wal list|replay|purge`), and the rest flows.
+
+Queue full (the appliance is slower than the application): the caller's span goes to a
+small overflow list that is written to the WAL in chunks, so memory stays bounded and
+nothing is dropped. At interpreter exit the queue is flushed (bounded by
 `exit_flush_timeout`); whatever is still unsent then is written to the WAL.
 
-The one window in which spans can be lost: spans still in memory (the deque, the
-spill list of at most SPILL_CHUNK spans, the batch being posted) when the process
-dies without running its exit handlers (SIGKILL, os._exit, power loss). That is at
-most about `flush_interval` (0.2 s) worth of spans plus one batch. Everything that
-reached the WAL survives (synchronous=FULL).
+What can still be lost:
+- a span whose report() had not returned when the process died (the caller cannot have
+  counted it as reported; a torn record is ignored);
+- spans not spilled, held in memory only, when the process dies without its exit handlers
+  (SIGKILL, os._exit, OOM kill): where no memory-backed folder exists (macOS, Windows, no
+  tmpfs /dev/shm: the spill is off unless LLM_OBSERVE_SPILL_DIR names one), with
+  `spill=False`, past `spill_max_bytes` per process, or a span the spill cannot serialise
+  (stats["spill_skipped"]). For those the old window applies: about `flush_interval`
+  (0.2 s) of spans plus one batch;
+- on power loss or a kernel crash, what was only in the spill file (it is RAM, on purpose:
+  spans are raw there, PII is redacted on the sender thread, and unredacted text must not
+  touch a disk). Everything that reached the WAL survives (synchronous=FULL);
+- spill files whose WAL path no process uses again stay in /dev/shm until a reboot
+  (`llm-observe wal status` shows them, `llm-observe wal recover` adopts them).
 
 With no URL configured, spans are dropped and one warning is logged: nothing is
-written to disk that no appliance will ever read.
+written anywhere that no appliance will ever read.
 
-Kafka transport (`transport="kafka"`, the `kafka` extra): the same queue, WAL, backoff
-and exit flush; a batch is produced to the appliance's topic instead of POSTed, and
+Kafka transport (`transport="kafka"`, the `kafka` extra): the same queue, spill file, WAL,
+backoff and exit flush; a batch is produced to the appliance's topic instead of POSTed, and
 counts as sent (WAL rows deleted) only once the broker acknowledged every message
-of it (see _kafka.py).
+of it (see _kafka.py). There are no per-batch answers, so nothing is dead-lettered here:
+the appliance's consumer sends what it rejects to its DLQ topic.
 """
 
 from __future__ import annotations

@@ -170,3 +170,29 @@ def test_spill_off_and_where_it_lives(monkeypatch, sink):
     monkeypatch.delenv("LLM_OBSERVE_SPILL_DIR")
     directory, why = _spill.spill_directory(None)
     assert directory == Path(f"/dev/shm/llm-observe-{os.getuid()}") and why == ""
+
+
+def test_cli_shows_and_recovers_the_spill_files_of_ended_processes(sink, tmp_path, capsys):
+    from instrumentation_sdk import cli
+    from tests.sdk.test_reporter import wal_rows
+
+    out = run_script("""
+        import os, signal
+        from instrumentation_sdk import get_reporter
+        for i in range(20):
+            get_reporter().report({"span_id": f"cli-{i}", "prompt": "mail me: eve@example.com"})
+        os.kill(os.getpid(), signal.SIGKILL)
+    """, {"LLM_OBSERVE_URL": sink.url, "LLM_OBSERVE_API_KEY": sink.key, "LLM_OBSERVE_FLUSH_INTERVAL": "60"})
+    assert out.returncode == -9, out.stderr
+    assert cli.main(["wal", "status"]) == 0
+    assert "1 of ended processes, 20 span(s) to recover" in capsys.readouterr().out
+    assert cli.main(["wal", "recover"]) == 0
+    assert "recovered 20 span(s)" in capsys.readouterr().out
+    wal = Path(os.environ["LLM_OBSERVE_WAL_PATH"])
+    assert wal_rows(wal) == 20 and _spill.spill_files(spill_dir()) == []
+    with __import__("sqlite3").connect(wal) as conn:  # redacted before it touched the disk
+        assert not any(b"eve@example.com" in body for (body,) in conn.execute("SELECT body FROM spans"))
+    sdk.configure(url=sink.url, api_key=sink.key, flush_interval=0.05)
+    reporter = sdk.SpanReporter()
+    sdk.set_reporter(reporter)
+    assert reporter.flush(10) and len(sink.by_id) == 20
