@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 
 from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404
 from ninja import NinjaAPI, Status
-from ninja.errors import AuthenticationError, ValidationError
+from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from appliance.health import health
 from appliance.renderers import ORJSONRenderer
@@ -79,6 +80,26 @@ def _database_error(request, exc):
     )
     response["Retry-After"] = "5"
     return response
+
+
+@api.exception_handler(Http404)
+def _not_found(request, exc):
+    return api.create_response(request, {"error": "not found", "rule": "not_found"}, status=404)
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc):
+    return api.create_response(request, {"error": str(exc), "rule": "http_error"}, status=exc.status_code)
+
+
+@api.exception_handler(Exception)
+def _unexpected(request, exc):
+    # Every route answers the one documented error shape, a bug included; the traceback goes to the log.
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return api.create_response(
+        request, {"error": f"unexpected server error ({type(exc).__name__}); it was logged", "rule": "internal_error"},
+        status=500,
+    )
 
 
 @api.exception_handler(BrokerUnavailable)

@@ -24,7 +24,7 @@ from ninja import Router, Schema, Status
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from ingest.auth import API_KEY_AUTH
-from ingest.bodies import BodyError, read_body, read_json_spans
+from ingest.bodies import BodyError, read_body, read_json_spans, require_json
 from ingest.metrics import metrics_exposition, metrics_state
 from ingest.schemas import ErrorOut, RejectedSpan, SpanIn
 from ingest.services.pricing import price_table
@@ -559,6 +559,7 @@ def _record_error(result) -> Status:
              "console exactly once; re-sent span_ids are not counted twice). Answers its cost.")
 def metrics_record(request):
     try:
+        require_json(request)
         data = read_body(request)
         item = orjson.loads(data) if data.strip() else None
     except BodyError as exc:

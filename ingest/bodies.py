@@ -53,8 +53,17 @@ def read_body(request) -> bytes:
     return data
 
 
+def require_json(request) -> None:
+    """415 unless the body is declared JSON, or not declared at all (1.8.1-era clients sent none)."""
+    media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if media and media not in ("application/json", "text/json") and not media.endswith("+json"):
+        raise BodyError(415, "unsupported_media_type",
+                        f"Content-Type {media!r} is not supported here; send application/json")
+
+
 def read_json_spans(request) -> list:
     """The body as a list of span candidates: one object or an array of up to INGEST_MAX_SPANS."""
+    require_json(request)
     data = read_body(request)
     if not data.strip():
         raise BodyError(400, "empty_body", "the body is empty; send a span object or an array of spans")

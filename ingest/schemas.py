@@ -26,6 +26,9 @@ FINISH_REASON_ALIASES = {
 }
 TOKEN_COUNT_METHODS = ("provider", "tiktoken", "estimated", "unspecified")
 MAX_ID = 128
+# How deep objects and arrays may nest inside one span (metadata, unknown keys). Checked before
+# anything recursive reads the span: orjson serialises at most 254 levels, and nothing real nests 64.
+MAX_DEPTH = 64
 
 
 class SpanIn(BaseModel):
@@ -88,6 +91,15 @@ class SpanIn(BaseModel):
             return {"ok": "success", "failed": "error", "failure": "error"}.get(lowered, lowered)
         return value
 
+    @field_validator("span_id", "trace_id", "parent_span_id", "user_id", "session_id", mode="before")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # An id with NUL cannot be stored as sent (PostgreSQL text has no NUL); changing it would
+        # make a different id, so the span is refused instead.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("NUL characters are not allowed in ids")
+        return value
+
     @field_validator("timestamp_utc", mode="before")
     @classmethod
     def _timestamp(cls, value: Any) -> Any:
@@ -98,7 +110,11 @@ class SpanIn(BaseModel):
                 seconds /= 1e9
             elif seconds > 1e11:
                 seconds /= 1e3
-            return datetime.fromtimestamp(seconds, tz=timezone.utc)
+            try:
+                return datetime.fromtimestamp(seconds, tz=timezone.utc)
+            except (OverflowError, OSError, ValueError):
+                raise ValueError(f"{value!r} is not a time: send epoch seconds, milliseconds or nanoseconds "
+                                 "of a date between the years 1 and 9999, or ISO 8601") from None
         return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import operator
 import uuid
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from pydantic import ValidationError
 
 from ingest.metrics import metrics_record_ingest
-from ingest.schemas import SpanIn
+from ingest.schemas import MAX_DEPTH, SpanIn
 from ingest.services.embeddings import embeddings_enqueue
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
@@ -40,6 +41,8 @@ _TEXT_FIELDS = (
     "environment", "user_id", "session_id", "prompt", "response", "error_type", "error_message",
 )
 FUTURE_TOLERANCE = timedelta(days=1)
+
+log = logging.getLogger(__name__)
 
 _ERROR_RULES = {
     "missing": "missing_field",
@@ -103,29 +106,59 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
     prices = price_table()
     result = Prepared()
     for index, raw in enumerate(items):
-        if not isinstance(raw, dict):
-            result.rejected.append(Rejection(index, None, "not_an_object", None, "each span must be a JSON object"))
-            continue
         try:
-            span = SpanIn.model_validate(raw)
-        except ValidationError as exc:
-            result.rejected.append(_rejection_from(index, raw, exc))
-            continue
-        ts = span.timestamp_utc or received_at
-        try:
-            ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
-        except OverflowError:
-            ts = datetime.min.replace(tzinfo=timezone.utc)  # rejected as too old just below
-        if ts > newest:
-            result.rejected.append(Rejection(index, span.span_id, "timestamp_in_future", "timestamp_utc",
-                                             f"more than {FUTURE_TOLERANCE} after the server's clock"))
-            continue
-        if ts < oldest:
-            result.rejected.append(Rejection(index, span.span_id, "timestamp_too_old", "timestamp_utc",
-                                             f"older than the retention of {settings.RETENTION_DAYS} days"))
-            continue
-        result.rows.append(_row(project, span, ts, received_at, prices))
+            outcome = _prepare_one(index, raw, project=project, received_at=received_at, oldest=oldest,
+                                   newest=newest, prices=prices)
+        except Exception as exc:  # noqa: BLE001 - one span must never fail the others
+            log.exception("span %d of a batch could not be prepared", index)
+            span_id = raw.get("span_id") if isinstance(raw, dict) and isinstance(raw.get("span_id"), str) else None
+            outcome = Rejection(index, span_id, "unprocessable", None,
+                                f"the span could not be processed ({type(exc).__name__}); it was not stored")
+        if isinstance(outcome, Rejection):
+            result.rejected.append(outcome)
+        else:
+            result.rows.append(outcome)
     return result
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """True when objects/arrays nest more than `limit` levels (iterative: safe at any depth)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _prepare_one(index: int, raw: Any, *, project, received_at: datetime, oldest: datetime, newest: datetime,
+                 prices) -> dict | Rejection:
+    if not isinstance(raw, dict):
+        return Rejection(index, None, "not_an_object", None, "each span must be a JSON object")
+    for key, value in raw.items():
+        if isinstance(value, (dict, list)) and _too_deep(value, MAX_DEPTH):
+            span_id = raw.get("span_id") if isinstance(raw.get("span_id"), str) else None
+            return Rejection(index, span_id, "too_deep", str(key),
+                             f"objects and arrays may nest at most {MAX_DEPTH} levels")
+    try:
+        span = SpanIn.model_validate(raw)
+    except ValidationError as exc:
+        return _rejection_from(index, raw, exc)
+    ts = span.timestamp_utc or received_at
+    try:
+        ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    except OverflowError:
+        # Before the year 1 or after 9999 once in UTC (0001-01-01T00:00+10:00): far outside the window.
+        ts = datetime.min.replace(tzinfo=timezone.utc) if ts.year == 1 else datetime.max.replace(tzinfo=timezone.utc)
+    if ts > newest:
+        return Rejection(index, span.span_id, "timestamp_in_future", "timestamp_utc",
+                         f"more than {FUTURE_TOLERANCE} after the server's clock")
+    if ts < oldest:
+        return Rejection(index, span.span_id, "timestamp_too_old", "timestamp_utc",
+                         f"older than the retention of {settings.RETENTION_DAYS} days")
+    return _row(project, span, ts, received_at, prices)
 
 
 def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> dict:
