@@ -23,6 +23,7 @@ import re
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from pathlib import Path
 from appliance.env import ConfigError
 
 log = logging.getLogger("appliance.embedded")
+
+_instances: dict[str, object] = {}
 
 # PostgreSQL refuses to run as root; as root we run it as this system user.
 SERVICE_USER = "llmobserve"
@@ -61,6 +64,9 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: connections of a killed server left in TIME_WAIT do not make the port busy,
+        # so a restarted server gets its old port and the processes that know it reconnect.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -215,6 +221,7 @@ class EmbeddedPostgres:
             _check_reachable(self.bin_dir, self.account[0])
             _check_reachable(self.data_dir, self.account[0])
             self._chown(self.data_dir / "logs")
+        _instances["postgres"] = self
         port = self.running_port()
         if port is None:
             with _file_lock(self.data_dir / ".postgres.lock"):
@@ -222,6 +229,12 @@ class EmbeddedPostgres:
                 if port is None:
                     port = self._start(password)
         return PgConnection("127.0.0.1", port, PG_USER, password, PG_DATABASE)
+
+    def adopt(self) -> None:
+        """Own a server this process did not start (left by a supervisor that was SIGKILLed): stop it at exit."""
+        if self._owner_pid != os.getpid() and self.running_port() is not None:
+            self._owner_pid = os.getpid()
+            atexit.register(self.stop)
 
     def _start(self, password: str) -> int:
         fresh = not (self.pgdata / "PG_VERSION").exists()
@@ -239,8 +252,9 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             tail = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.exists() else ""
             raise ConfigError(f"the embedded PostgreSQL did not start:\n{result.stderr.strip()}\n{tail}")
-        self._owner_pid = os.getpid()
-        atexit.register(self.stop)
+        if self._owner_pid != os.getpid():
+            self._owner_pid = os.getpid()
+            atexit.register(self.stop)
         if fresh:
             self._create_database(port, password)
         return port
@@ -262,6 +276,11 @@ class EmbeddedPostgres:
         result = self._run(["pg_ctl", "stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "60"])
         if result.returncode != 0 and self.running_port() is not None:
             print(f"llm-observe: stopping the embedded PostgreSQL failed: {result.stderr.strip()}", file=sys.stderr)
+
+
+def instances() -> dict[str, object]:
+    """The embedded servers this process's settings use ({"postgres": ..., "valkey": ...})."""
+    return dict(_instances)
 
 
 def shared_buffers() -> str:
@@ -301,6 +320,7 @@ class EmbeddedValkey:
         self.password_file = data_dir / "secrets" / "valkey_password"
         self._owner_pid: int | None = None
         self._pid: int | None = None
+        self._proc: subprocess.Popen | None = None
 
     def _running(self) -> int | None:
         try:
@@ -316,14 +336,36 @@ class EmbeddedValkey:
     def ensure_running(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
         password = _read_secret(self.password_file)
+        _instances["valkey"] = self
         port = self._running()
         if port is None:
             with _file_lock(self.data_dir / ".valkey.lock"):
                 port = self._running() or self._start(password)
         return f"redis://:{password}@127.0.0.1:{port}/0"
 
+    def running(self) -> bool:
+        return self._running() is not None
+
+    def adopt(self) -> None:
+        """Own a server this process did not start: stop it at exit."""
+        try:
+            pid = int((self.dir / "valkey.state").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        if self._owner_pid != os.getpid() and self._running() is not None:
+            self._owner_pid, self._pid = os.getpid(), pid
+            atexit.register(self.stop)
+
     def _start(self, password: str) -> int:
-        port = _free_port()
+        # The same port as last time when it is free: processes that keep REDIS_URL reconnect after a restart.
+        port_file = self.dir / "valkey.port"
+        try:
+            port = int(port_file.read_text())
+        except (OSError, ValueError):
+            port = 0
+        if not port or not _port_is_free(port):
+            port = _free_port()
+        port_file.write_text(str(port))
         conf = self.dir / "valkey.conf"
         # The password lives in a 0600 config file, not on the command line (ps shows that).
         conf.write_text(
@@ -346,17 +388,24 @@ class EmbeddedValkey:
             proc.kill()
             raise ConfigError("the embedded Valkey did not accept connections within 15 s")
         (self.dir / "valkey.state").write_text(f"{proc.pid} {port}")
+        if self._owner_pid != os.getpid():
+            atexit.register(self.stop)
         self._owner_pid, self._pid, self._proc = os.getpid(), proc.pid, proc
-        atexit.register(self.stop)
         return port
 
     def stop(self) -> None:
         if self._owner_pid != os.getpid() or self._pid is None:
             return
         self._owner_pid = None
-        self._proc.terminate()  # SIGTERM: valkey flushes the AOF and exits
-        try:
-            self._proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGTERM)  # valkey flushes the AOF and exits
+        deadline = time.monotonic() + 15
+        while _pid_alive(self._pid) and time.monotonic() < deadline:
+            if self._proc is not None and self._proc.pid == self._pid and self._proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        else:
+            if _pid_alive(self._pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid, signal.SIGKILL)
         (self.dir / "valkey.state").unlink(missing_ok=True)

@@ -95,9 +95,24 @@ def kafka_health_reset() -> None:
         _kafka_admin = _kafka_answer = None
 
 
+def check_processes() -> str | None:
+    """None when no supervisor runs here or all its processes run; else which are down and why."""
+    from appliance.supervisor import read_state, state_file
+
+    supervised = read_state(state_file(settings.DATA_DIR))
+    if not supervised:
+        return None
+    down = [f"{name} {p.get('state')}" + (f" (last exit: {p['last_exit']})" if p.get("last_exit") else "")
+            for name, p in sorted(supervised.get("processes", {}).items()) if p.get("state") != "running"]
+    return "; ".join(down) or None
+
+
 def health() -> dict:
     state = {"database": check_database(), "broker": check_broker(), "worker": check_worker()}
     if settings.KAFKA_BOOTSTRAP_SERVERS:
         state["kafka"] = check_kafka()
+    processes = check_processes()
+    if processes:
+        state["processes"] = processes
     state["status"] = "ok" if all(v == "ok" for v in state.values()) else "degraded"
     return state

@@ -27,7 +27,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ingest.services.pricing import normalize_provider
 
@@ -259,6 +259,32 @@ if not MULTIPROCESS:
     REGISTRY.register(_queue_collector)
 
 
+class _SupervisorCollector:
+    """Up/down and restarts of the processes `manage.py serve` supervises, from its state file."""
+
+    def collect(self):
+        from django.conf import settings
+
+        from appliance.supervisor import read_state, state_file
+
+        up = GaugeMetricFamily("llm_process_up", "1 while a supervised appliance process runs", labels=["process"])
+        restarts = CounterMetricFamily("llm_process_restarts", "Restarts of a supervised appliance process since "
+                                       "serve started", labels=["process"])
+        state = read_state(state_file(settings.DATA_DIR))
+        for name, process in ((state or {}).get("processes") or {}).items():
+            up.add_metric([name], 1 if process.get("state") == "running" else 0)
+            restarts.add_metric([name], process.get("restarts") or 0)
+        return [up, restarts]
+
+    def describe(self):
+        return []
+
+
+_supervisor_collector = _SupervisorCollector()
+if not MULTIPROCESS:
+    REGISTRY.register(_supervisor_collector)
+
+
 def metrics_exposition() -> tuple[bytes, str]:
     """(body, content type) of the Prometheus text exposition for this appliance."""
     if MULTIPROCESS:
@@ -267,6 +293,7 @@ def metrics_exposition() -> tuple[bytes, str]:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(_queue_collector)
+        registry.register(_supervisor_collector)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

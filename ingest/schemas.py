@@ -202,3 +202,5 @@ class HealthOut(Schema):
     broker: str = Field(description="the Celery broker (Redis/Valkey)")
     worker: str
     kafka: str | None = Field(None, description="the Kafka cluster; only when KAFKA_BOOTSTRAP_SERVERS is set")
+    processes: str | None = Field(None, description="supervised processes that are not running (restarting, "
+                                  "stopped), while `manage.py serve` restarts them; absent when all run")
