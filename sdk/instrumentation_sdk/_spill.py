@@ -197,6 +197,7 @@ class SpillFile:
         self.written = 0
         self.skipped = 0  # spans that could not be spilled (too large for the bound, not serialisable, full)
         self._closed = False
+        self._no_file_until = 0.0  # after a failed create (ENOSPC): not on every report()
         ensure_private_dir(directory)
         with self._lock:
             self._active = self._new_segment(SEGMENT_BYTES)
@@ -261,6 +262,8 @@ class SpillFile:
         if standby is not None and HEADER_BYTES + need <= standby.size:
             new, self._standby = standby, None
         else:
+            if self._no_file_until and time.monotonic() < self._no_file_until:
+                return None
             size = max(SEGMENT_BYTES, -(-(HEADER_BYTES + need) // _PAGE) * _PAGE)
             if standby is not None and self.bytes + size > self.max_bytes:
                 self._standby = None  # a larger record: its room is worth more than a spare segment
@@ -270,9 +273,12 @@ class SpillFile:
             except SpillFull:
                 return None
             except OSError as exc:
-                log.warning("llm-observe: cannot make a spill segment in %s (%s); spans wait in memory only until "
-                            "there is room", self.directory, exc)
+                if not self._no_file_until:
+                    log.warning("llm-observe: cannot make a spill segment in %s (%s); spans wait in memory only "
+                                "until there is room", self.directory, exc)
+                self._no_file_until = time.monotonic() + 1.0
                 return None
+            self._no_file_until = 0.0
         if seg is not None:
             self._retired.append(seg)
         self._active = new
