@@ -8,6 +8,7 @@ own OpenAPI schema looking for a 500. One appliance for the whole module.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import shutil
@@ -367,3 +368,93 @@ def test_schemathesis_finds_no_server_error(appliance, tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     (ROOT / ".data" / "e2e" / "schemathesis.log").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
+
+
+def _curl_chunked(app: Appliance, path: str, body: bytes, tmp_path: Path, *, gzipped: bool = False,
+                  content_type: str = "application/json") -> tuple[int, bytes]:
+    """POST with `Transfer-Encoding: chunked` and no Content-Length, exactly as curl sends it."""
+    data = tmp_path / f"body-{uuid.uuid4().hex}"
+    data.write_bytes(gzip.compress(body) if gzipped else body)
+    out = tmp_path / f"answer-{uuid.uuid4().hex}"
+    command = ["curl", "-sS", "-X", "POST", "-H", "Transfer-Encoding: chunked", "-H", f"Content-Type: {content_type}",
+               "-H", f"Authorization: Bearer {app.key}", "--data-binary", f"@{data}", "-o", str(out),
+               "-w", "%{http_code}", f"{app.url}{path}"]
+    if gzipped:
+        command[1:1] = ["-H", "Content-Encoding: gzip"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout), out.read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_chunked_bodies_are_read_and_stored_on_every_route(appliance, tmp_path):
+    service = f"chunked-{uuid.uuid4().hex[:6]}"
+    ids = [f"{service}-{n}" for n in range(6)]
+    status, answer = _curl_chunked(appliance, "/v1/spans", orjson.dumps([
+        {"span_id": ids[0], "service_name": service, "model": "gpt-4o"},
+        {"span_id": ids[1], "service_name": service, "model": "gpt-4o"}]), tmp_path)
+    assert (status, orjson.loads(answer)["accepted"]) == (202, 2), answer
+    status, answer = _curl_chunked(appliance, "/v1/spans", orjson.dumps({"span_id": ids[2], "service_name": service}),
+                                   tmp_path, gzipped=True)
+    assert status == 202, answer
+    status, answer = _curl_chunked(appliance, "/v1/metrics/record", orjson.dumps(
+        {"span_id": ids[3], "service_name": service, "model": "gpt-4o", "prompt_tokens": 1000}), tmp_path)
+    assert status == 200 and orjson.loads(answer)["cost_usd_micro"] == 2500, answer
+    status, answer = _curl_chunked(appliance, "/v1/metrics/record-batch", orjson.dumps(
+        [{"span_id": ids[4], "service_name": service}]), tmp_path)
+    assert status == 200 and orjson.loads(answer)["recorded_count"] == 1, answer
+
+    rec = Recorder(service=service)
+    with rec.span("chat gpt-4o", end_ms=100, attributes=genai_chat_attributes()) as llm:
+        pass
+    status, answer = _curl_chunked(appliance, "/v1/traces", rec.json(), tmp_path)
+    assert (status, orjson.loads(answer)) == (200, {})
+    stored = spans_of(appliance, service=service)
+    assert set(stored) == set(ids[:5]) | {hex_id(llm)}
+
+    # routes whose body is a schema read it too
+    status, answer = _curl_chunked(appliance, "/v1/pii-injection/scan", b'{"prompt": "mail me at a@b.co"}', tmp_path)
+    assert (status, orjson.loads(answer)["pii_detected"]) == (200, True)
+    # the 5 MB limit holds without a Content-Length: 413, nothing stored
+    big = orjson.dumps([{"span_id": ids[5], "service_name": service, "prompt": "x" * (6 * 1024 * 1024)}])
+    status, answer = _curl_chunked(appliance, "/v1/spans", big, tmp_path)
+    assert status == 413 and orjson.loads(answer)["rule"] == "body_too_large"
+    assert ids[5] not in spans_of(appliance, service=service)
+
+
+NODE_PROJECT = Path(__file__).parent / "node"
+
+
+def _node_exporter() -> Path:
+    """The pinned npm packages of tests/interop/node, installed once into .data (npm ci, no scripts)."""
+    target = ROOT / ".data" / "node-otlp"
+    lock = (NODE_PROJECT / "package-lock.json").read_bytes()
+    if not (target / "node_modules").is_dir() or (target / "package-lock.json").read_bytes() != lock:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in ("package.json", "package-lock.json", "send.mjs"):
+            shutil.copy(NODE_PROJECT / name, target / name)
+        run = subprocess.run(["npm", "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+                             cwd=target, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"npm ci failed (the npm registry must be reachable): {run.stderr[-2000:]}"
+    shutil.copy(NODE_PROJECT / "send.mjs", target / "send.mjs")
+    return target
+
+
+@pytest.mark.skipif((shutil.which("node") is None or shutil.which("npm") is None)
+                    and not os.environ.get("LLM_OBSERVE_REQUIRE_NODE"),
+                    reason="Node.js and npm are not installed (.ci/run sets LLM_OBSERVE_REQUIRE_NODE: CI must have them)")
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_the_nodejs_otlp_exporter_is_stored(appliance, gzipped):
+    # @opentelemetry/exporter-trace-otlp-http sends its bodies chunked: acknowledged and lost until now.
+    project = _node_exporter()
+    service = f"node-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "OTLP_URL": f"{appliance.url}/v1/traces", "OTLP_KEY": appliance.key, "SERVICE": service,
+           "COUNT": "3", "GZIP": "1" if gzipped else "0"}
+    run = subprocess.run(["node", "send.mjs"], cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    stored = spans_of(appliance, service=service)
+    assert len(stored) == 3, run.stdout
+    assert {s["model"] for s in stored.values()} == {"gpt-4o-mini"}
+    assert sorted(s["prompt"] for s in stored.values()) == ["node prompt 0", "node prompt 1", "node prompt 2"]
+    assert {(s["prompt_tokens"], s["completion_tokens"]) for s in stored.values()} == {(23, 17)}
