@@ -100,3 +100,8 @@ def env_url(name: str, *, schemes: tuple[str, ...], aliases: tuple[str, ...] = (
     if not (parsed.hostname or parsed.path):
         raise ConfigError(f"{used} has no host")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")

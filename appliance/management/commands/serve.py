@@ -17,7 +17,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand
 
 from appliance import embedded
-from appliance.env import env_int
+from appliance.env import env_int, env_str, is_loopback
 from appliance.supervisor import ProcessSpec, Supervisor, Watchdog, state_file
 
 GRACEFUL_TIMEOUT = 20  # gunicorn drains requests this long on SIGTERM
@@ -54,13 +54,14 @@ class Command(BaseCommand):
     help = "Run the appliance: migrate, load config, bootstrap, then web + worker + beat in the foreground."
 
     def add_arguments(self, parser):
-        parser.add_argument("--bind", default=os.environ.get("BIND_HOST", "127.0.0.1"), help="listen address")
+        parser.add_argument("--bind", default=None, help="listen address (default: BIND_HOST, 127.0.0.1)")
         parser.add_argument("--web-workers", type=int, default=int(os.environ.get("WEB_WORKERS", "0")) or None)
         parser.add_argument("--no-worker", action="store_true", help="do not start Celery worker and beat")
         parser.add_argument("--skip-prepare", action="store_true", help="skip migrate/load_config/bootstrap")
         parser.add_argument("--no-consumer", action="store_true", help="do not start the Kafka consumer")
 
     def handle(self, *args, bind, web_workers, no_worker, skip_prepare, no_consumer, **options):
+        bind = bind or settings.BIND_HOST
         if not skip_prepare:
             self.stdout.write("llm-observe: applying migrations ...")
             call_command("migrate", interactive=False, verbosity=0)
@@ -76,6 +77,8 @@ class Command(BaseCommand):
             "DATABASE_URL": settings.DATABASE_URL,
             "REDIS_URL": settings.REDIS_URL,
             "PYTHONUNBUFFERED": "1",
+            # The children decide from it whether /metrics needs a token (settings.BINDS_BEYOND_LOOPBACK).
+            "BIND_HOST": bind,
         }
         # Every child writes its Prometheus samples here and /metrics sums the files; those of a
         # previous run would be counted again, so they go (counters restart at zero, as Prometheus expects).
@@ -115,6 +118,9 @@ class Command(BaseCommand):
             specs.append(ProcessSpec("consumer", [python, "manage.py", "run_consumer", "spans"], env, cwd,
                                      grace=settings.KAFKA_SESSION_TIMEOUT_MS / 1000 + 10))
         self.stdout.write(f"llm-observe: serving on http://{bind}:{settings.PORT} (data in {settings.DATA_DIR}); Ctrl-C stops")
+        if not is_loopback(bind) and not env_str("METRICS_AUTH_TOKEN"):
+            self.stdout.write("llm-observe: reachable beyond this machine, /metrics needs `Authorization: Bearer "
+                              "<METRICS_AUTH_TOKEN>` (unless set, generated into DATA_DIR/secrets/metrics_token)")
         supervisor = Supervisor(
             specs, state_file=state_file(settings.DATA_DIR), watchdogs=_watchdogs(env),
             max_retries=env_int("SUPERVISOR_MAX_RETRIES", 6, minimum=1, maximum=1000),
