@@ -456,8 +456,31 @@ def spill_files(directory: Path, key: str | None = None) -> list[Path]:
         return []
 
 
+def _remove_unfinished(directory: Path, key: str | None) -> None:
+    """Segments whose maker died before renaming them hold no span (the header comes first): remove them."""
+    try:
+        paths = list(directory.glob(f".{key or ''}*.tmp"))
+    except OSError:
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            # A maker still at it holds the lock; one that has just created the file may not yet.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_mtime < time.time() - 60:
+                os.unlink(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def orphans(directory: Path, key: str | None = None) -> Iterator[Orphan]:
     """Spill segments (of this WAL path's key, or all) whose owner is gone, locked, oldest first."""
+    _remove_unfinished(directory, key)
     paths = spill_files(directory, key)
     paths.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0)
     for path in paths:

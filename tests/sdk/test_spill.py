@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -107,7 +108,11 @@ def test_a_torn_last_record_is_ignored_and_done_records_are_not_replayed(tmp_pat
     seg.mm[last + STATE_AT] = WRITING  # killed while copying the last record
     assert [o for o in _spill.orphans(directory, "k")] == []  # the owner lives: not adoptable
     _die(spill)
+    unfinished = directory / ".k-1-dead-1.tmp"  # its maker died between creating and renaming it
+    unfinished.write_bytes(b"")
+    os.utime(unfinished, (time.time() - 120, time.time() - 120))
     (orphan,) = list(_spill.orphans(directory, "k"))
+    assert not unfinished.exists()
     try:
         records = list(orphan.records())
         assert [(kind, when, payload) for _, kind, when, payload in records] == [
