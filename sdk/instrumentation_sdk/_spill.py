@@ -456,6 +456,30 @@ def spill_files(directory: Path, key: str | None = None) -> list[Path]:
         return []
 
 
+def _open(path: Path, flags: int) -> int | None:
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+def _try_lock(fd: int, lock: int) -> bool:
+    try:
+        fcntl.flock(fd, lock | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False  # its owner lives, or someone else is replaying it
+
+
+def _open_locked(path: Path, flags: int, lock: int) -> int | None:
+    """A descriptor on `path` holding `lock` (taken without waiting), or None."""
+    fd = _open(path, flags)
+    if fd is not None and not _try_lock(fd, lock):
+        os.close(fd)
+        return None
+    return fd
+
+
 def _remove_unfinished(directory: Path, key: str | None) -> None:
     """Segments whose maker died before renaming them hold no span (the header comes first): remove them."""
     try:
@@ -463,14 +487,11 @@ def _remove_unfinished(directory: Path, key: str | None) -> None:
     except OSError:
         return
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+        fd = _open_locked(path, os.O_RDONLY, fcntl.LOCK_EX)  # a maker still at it holds the lock...
+        if fd is None:
             continue
         try:
-            # A maker still at it holds the lock; one that has just created the file may not yet.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(fd).st_mtime < time.time() - 60:
+            if os.fstat(fd).st_mtime < time.time() - 60:  # ...one that has just created it may not yet
                 os.unlink(path)
         except OSError:
             pass
@@ -484,14 +505,8 @@ def orphans(directory: Path, key: str | None = None) -> Iterator[Orphan]:
     paths = spill_files(directory, key)
     paths.sort(key=lambda p: p.stat().st_mtime if p.exists() else 0)
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)  # its owner lives (or another process is replaying it right now)
+        fd = _open_locked(path, os.O_RDWR, fcntl.LOCK_EX)
+        if fd is None:
             continue
         try:
             st = os.fstat(fd)
@@ -510,18 +525,13 @@ def describe(directory: Path, key: str | None = None) -> list[dict]:
     out = []
     for path in spill_files(directory, key):
         entry: dict[str, Any] = {"path": str(path), "size": 0, "alive": True, "pending": None, "meta": {}}
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
+        fd = _open(path, os.O_RDONLY)
+        if fd is None:
             continue
         try:
             st = os.fstat(fd)
             entry["size"] = st.st_size
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                entry["alive"] = False
-            except OSError:
-                pass
+            entry["alive"] = not _try_lock(fd, fcntl.LOCK_SH)
             if st.st_size:
                 with mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ) as mm:
                     entry["meta"] = _read_meta(mm) or {}
