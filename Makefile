@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench check sdk-patterns vendor
+.PHONY: install run test bench check fuzz sdk-patterns vendor
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
@@ -32,6 +32,13 @@ run: install
 ## The default test suite (what CI runs).
 test: install
 	$(PY) -m pytest
+
+## Long fuzzing (not part of `make test`, which runs the same tests for seconds with a fixed seed):
+## schemathesis over the whole OpenAPI with both key styles, FUZZ_SECONDS each, new seed each run.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	LLM_OBSERVE_FUZZ_SECONDS=$(FUZZ_SECONDS) LLM_OBSERVE_FUZZ_SEED=random $(PY) -m pytest -q \
+		tests/interop/test_interop_e2e.py -k schemathesis
 
 ## Benchmarks (not part of `make test`).
 bench: install

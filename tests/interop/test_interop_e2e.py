@@ -351,22 +351,29 @@ checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "503"]
 """
 
 
-def test_schemathesis_finds_no_server_error(appliance, tmp_path):
-    # Bounded: a few examples per operation and a time budget. One worker: CPython 3.11 can fail parsing
-    # source in two threads at once (hypothesis does, describing strategies). The SSE test streams are
-    # excluded: they hold a thread for seconds by design; their bad bodies are covered above.
+# CI runs a bounded fuzz (seconds per auth style, fixed seed); `make fuzz` runs it for minutes with a new seed.
+FUZZ_SECONDS = int(os.environ.get("LLM_OBSERVE_FUZZ_SECONDS", "45"))
+FUZZ_SEED = os.environ.get("LLM_OBSERVE_FUZZ_SEED", "1")
+
+
+@pytest.mark.parametrize("auth", ["Authorization: Bearer {key}", "X-API-Key: {key}"], ids=["bearer", "x-api-key"])
+def test_schemathesis_finds_no_server_error(appliance, tmp_path, auth):
+    # Bounded: a time budget per auth style. One worker: CPython 3.11 can fail parsing source in two
+    # threads at once (hypothesis does, describing strategies). The SSE test streams are excluded:
+    # they hold a thread for seconds by design; their bad bodies are covered above.
     config = tmp_path / "schemathesis.toml"
     config.write_text(_SCHEMATHESIS_CONFIG)
     command = [
         str(Path(sys.executable).with_name("st")), "--config-file", str(config), "run",
         f"{appliance.url}/api/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "5", "--max-time", "75",
-        "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "20",
-        "--header", f"Authorization: Bearer {appliance.key}", "--exclude-path-regex", "test-stream-call",
-        "--seed", "1", "--no-color",
+        "--checks", "not_a_server_error", "--max-examples", "50" if FUZZ_SECONDS > 120 else "5",
+        "--max-time", str(FUZZ_SECONDS), "--phases", "examples,coverage,fuzzing,stateful", "--workers", "1",
+        "--request-timeout", "20", "--header", auth.format(key=appliance.key),
+        "--exclude-path-regex", "test-stream-call", "--no-color",
+        *([] if FUZZ_SEED == "random" else ["--seed", FUZZ_SEED]),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    (ROOT / ".data" / "e2e" / "schemathesis.log").write_text(run.stdout + run.stderr)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=FUZZ_SECONDS * 4 + 120, cwd=tmp_path)
+    (ROOT / ".data" / "e2e" / f"schemathesis-{auth.split(':')[0].lower()}.log").write_text(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
 
 
