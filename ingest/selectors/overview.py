@@ -1,7 +1,9 @@
 """The console's overview: totals, series and breakdowns from the hourly roll-ups (never the raw spans).
 
 A range is read in whole hours (the roll-ups' grain): it starts at the hour that holds
-`start` and ends with the hour that holds `end`.
+`start` and ends with the hour that holds `end`. However wide the range, a series has at
+most MAX_POINTS points: past that the buckets get coarser (a day, then several days), since
+every point costs Python work here and a chart cannot show more anyway.
 """
 
 from __future__ import annotations
@@ -13,16 +15,23 @@ from django.db import connection
 from ingest.services.rollups import BUCKETS, percentile
 
 QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
+MAX_POINTS = 400
 
 
 def step_for(start: datetime, end: datetime) -> timedelta:
-    """The width of one point of the series: about 24 to 200 points whatever the range."""
+    """The width of one point of the series: about 24 to MAX_POINTS points whatever the range."""
     span = end - start
     if span <= timedelta(days=2):
         return timedelta(hours=1)
     if span <= timedelta(days=14):
         return timedelta(hours=6)
-    return timedelta(days=1)
+    # Whole days keep the buckets aligned on UTC midnights (date_bin's origin is the range's first hour).
+    return timedelta(days=max(1, -(-span.days // MAX_POINTS)))
+
+
+def bucket_starts(first: datetime, last: datetime, step: timedelta) -> list[datetime]:
+    """first, first + step, ... up to last; by index, so no addition ever passes the year 9999."""
+    return [first + i * step for i in range((last - first) // step + 1)] if last >= first else []
 
 
 def _hour_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
@@ -75,8 +84,7 @@ def overview_get(*, project_id: int, start: datetime, end: datetime, top: int = 
     series = []
     total_latency, total_ttft = [0] * BUCKETS, [0] * BUCKETS
     empty = _sums_dict([0] * 9)
-    point = first
-    while point <= last:
+    for point in bucket_starts(first, last, step):
         sums = sums_by_bucket.get(point, empty)
         latency, ttft = hists.get(point, ([0] * BUCKETS, [0] * BUCKETS))
         for i in range(BUCKETS):
@@ -87,7 +95,6 @@ def overview_get(*, project_id: int, start: datetime, end: datetime, top: int = 
             **{f"latency_{name}": percentile(latency, q) for name, q in QUANTILES.items()},
             **{f"ttft_{name}": percentile(ttft, q) for name, q in QUANTILES.items()},
         })
-        point += step
     totals = {key: sum(s[key] for s in sums_by_bucket.values())
               for key in ("spans", "errors", "cost_usd", "prompt_tokens", "completion_tokens", "pii", "injections")}
     totals["error_rate"] = totals["errors"] / totals["spans"] if totals["spans"] else None

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
 
+from django.conf import settings
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from ingest.models import Project, Span
+from ingest.services.spans import FUTURE_TOLERANCE
 
 
 def projects_for_user(*, user):
@@ -32,3 +35,16 @@ def project_for_user(*, user, name: str) -> Project | None:
 
 def project_keys(*, project: Project) -> list:
     return list(project.api_keys.order_by("revoked_at", "-created_at"))
+
+
+def project_data_window(*, project: Project, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """(earliest, latest): the times this project can hold spans for, the bounds of any console range.
+
+    The earliest is retention's own cut-off (ingest.services.retention: whole UTC days of the
+    project's retention_days, else RETENTION_DAYS), so a range never reads days already deleted;
+    the latest is as far ahead as ingestion accepts a span stamped by a fast clock.
+    """
+    now = now or timezone.now()
+    days = project.retention_days or settings.RETENTION_DAYS
+    earliest = datetime.combine(now.date() - timedelta(days=days), time.min, tzinfo=dt_timezone.utc)
+    return earliest, now + FUTURE_TOLERANCE

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from django.db import connection
 
-from ingest.selectors.overview import _hour_range, step_for
+from ingest.selectors.overview import _hour_range, bucket_starts, step_for
 
 _FLAGGED = "project_id = %s AND timestamp_utc >= %s AND timestamp_utc < %s AND (pii_detected OR injection_attempt)"
 
@@ -30,11 +30,9 @@ def security_overview(*, project_id: int, start: datetime, end: datetime, top: i
                         f"GROUP BY {column} ORDER BY count(*) DESC LIMIT %s", [*params, top])
             groups[label] = [{"name": n, "pii": p, "injections": i} for n, p, i in cur.fetchall()]
     series = []
-    point = first
-    while point <= last:
+    for point in bucket_starts(first, last, step):
         pii, injections = by_bucket.get(point, (0, 0))
         series.append({"t": point.isoformat(), "pii": pii, "injections": injections})
-        point += step
     totals = {"pii": sum(v[0] for v in by_bucket.values()), "injections": sum(v[1] for v in by_bucket.values())}
     return {"series": series, "totals": totals, "by_pattern": by_pattern, "by_service": groups["service"],
             "by_user": groups["user"], "step_seconds": int(step.total_seconds())}
