@@ -4,12 +4,13 @@ from django.urls import path
 from django.views.generic import RedirectView
 
 from console import views
+from console.throttle import ThrottledAuthenticationForm
 
 app_name = "console"
 urlpatterns = [
     path("", views.home, name="home"),
     path("favicon.ico", RedirectView.as_view(url=static("console/favicon.svg"), permanent=True)),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", auth_views.LoginView.as_view(authentication_form=ThrottledAuthenticationForm), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("password/", auth_views.PasswordChangeView.as_view(success_url="/"), name="password_change"),
     path("projects/new/", views.project_new, name="project_new"),

@@ -39,6 +39,17 @@ def shipped_config(db):
     call_command("load_config", stdout=io.StringIO())
 
 
+@pytest.fixture(autouse=True)
+def own_cache_keys(settings):
+    """Each test its own key prefix in the real Redis: login failures of one test never lock another."""
+    import copy
+    import uuid
+
+    caches = copy.deepcopy(settings.CACHES)
+    caches["default"]["KEY_PREFIX"] = f"test-{uuid.uuid4().hex}"
+    settings.CACHES = caches
+
+
 @pytest.fixture
 def member(db, project):
     user = get_user_model().objects.create_user("alice", password="correct horse battery")
