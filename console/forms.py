@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 from django import forms
 from django.conf import settings
@@ -23,23 +24,59 @@ class _NoNul(forms.CharField):
         return value or None
 
 
+class _UtcDateTime(forms.DateTimeField):
+    """A date-time as aware UTC; one whose UTC time is outside the years 1-9999 is invalid, not a 500."""
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if value is None:
+            return None
+        try:
+            return value.astimezone(dt_timezone.utc)
+        except OverflowError:
+            raise forms.ValidationError("that date is outside the years 1 to 9999 in UTC") from None
+
+
 class RangeForm(forms.Form):
+    """A preset range or a custom one, always inside `bounds` (the project's data window).
+
+    Custom ranges are clamped there: one from the year 1 would read every partition and draw
+    hundreds of thousands of points. What was changed is explained in `notes`.
+    """
+
     range = forms.ChoiceField(choices=[(k, k) for k in RANGES] + [("custom", "custom")], required=False)
-    start = forms.DateTimeField(required=False, label="from")
-    end = forms.DateTimeField(required=False, label="to")
+    start = _UtcDateTime(required=False, label="from")
+    end = _UtcDateTime(required=False, label="to")
+
+    def __init__(self, *args, bounds: tuple[datetime, datetime], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bounds = bounds
+        self.notes: list[str] = []
 
     def window(self):
         """(start, end) as aware datetimes; the default range when the form is invalid."""
-        now = timezone.now()
+        earliest, latest = self.bounds
+        now = min(timezone.now(), latest)
         data = self.cleaned_data if self.is_valid() else {}
         start, end = data.get("start"), data.get("end")
-        if data.get("range") == "custom" or (not data.get("range") and (start or end)):
-            end = end or now
-            start = start or end - RANGES[DEFAULT_RANGE]
-            if start >= end:
+        if not (data.get("range") == "custom" or (not data.get("range") and (start or end))):
+            return max(now - RANGES[data.get("range") or DEFAULT_RANGE], earliest), now
+        self.notes = []
+        end = min(max(end or now, earliest), latest)
+        clamped = bool(data.get("end")) and end != data["end"]
+        start = start or end - RANGES[DEFAULT_RANGE]
+        clamped |= bool(data.get("start")) and not earliest <= start <= latest
+        start = min(max(start, earliest), latest)
+        if start >= end:
+            if end - timedelta(hours=1) >= earliest:
                 start = end - timedelta(hours=1)
-            return start, end
-        return now - RANGES[data.get("range") or DEFAULT_RANGE], now
+            else:
+                end = start + timedelta(hours=1)
+        if clamped:
+            self.notes.append(f"Ranges stay within the data this project keeps ({earliest:%Y-%m-%d %H:%M} UTC, "
+                              f"the retention cut-off, to {latest:%Y-%m-%d %H:%M} UTC): showing "
+                              f"{start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC.")
+        return start, end
 
     def range_key(self) -> str:
         if self.is_valid():
@@ -96,3 +133,4 @@ class ProjectSettingsForm(forms.ModelForm):
 
 class KeyCreateForm(forms.Form):
     name = forms.CharField(max_length=100, initial="default")
+    nonce = forms.CharField(max_length=64, widget=forms.HiddenInput)

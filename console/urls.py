@@ -16,8 +16,13 @@ urlpatterns = [
     path("projects/new/", views.project_new, name="project_new"),
     path("p/<slug:project>/", views.overview, name="overview"),
     path("p/<slug:project>/spans/", views.explorer, name="explorer"),
-    path("p/<slug:project>/spans/<str:span_id>/", views.span_detail, name="span"),
-    path("p/<slug:project>/traces/<str:trace_id>/", views.trace, name="trace"),
+    # Span and trace ids are whatever clients sent ('/', '..', '?', ...): they travel in the query
+    # string, where browsers leave them alone (they rewrite '.' and '..' path segments, even encoded).
+    path("p/<slug:project>/span/", views.span_detail, name="span"),
+    path("p/<slug:project>/trace/", views.trace, name="trace"),
+    # The former URLs, with the id in the path, still work for bookmarks (`path` accepts '/').
+    path("p/<slug:project>/spans/<path:span_id>/", views.span_by_path, name="span_by_path"),
+    path("p/<slug:project>/traces/<path:trace_id>/", views.trace_by_path, name="trace_by_path"),
     path("p/<slug:project>/security/", views.security, name="security"),
     path("p/<slug:project>/similar/", views.similar, name="similar"),
     path("p/<slug:project>/settings/", views.settings_page, name="settings"),

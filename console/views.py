@@ -5,30 +5,36 @@ Every page needs a login; a project the user is not a member of is a 404 (staff 
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import Http404
 from django.shortcuts import redirect, render
-from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 
 from console.forms import (ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm, RangeForm,
                            SimilarForm)
+from console.templatetags.console_tags import span_url, trace_url
 from ingest.selectors.overview import overview_get
-from ingest.selectors.projects import project_for_user, project_keys, project_summaries, projects_for_user
+from ingest.schemas import MAX_ID
+from ingest.selectors.projects import (project_data_window, project_for_user, project_keys, project_summaries,
+                                       projects_for_user)
 from ingest.selectors.search import SearchError, search_similar
 from ingest.selectors.security import security_overview
 from ingest.selectors.spans import SpanFilters, span_explore, span_facets, span_get, trace_get
 from ingest.services.api_keys import api_key_create, api_key_revoke
 from ingest.services.projects import project_create, project_update_settings
 
-# Where a raw key is kept between the POST that made it and the page that shows it once.
-_NEW_KEY = "console_new_key"
+# One-time tokens of the key form (never the keys): a re-sent POST (a refresh) makes no second key.
+_KEY_NONCES = "console_key_nonces"
+_KEY_NONCES_KEPT = 20
 
 
 def _project(request, name: str):
@@ -43,6 +49,14 @@ def _context(request, project, **extra) -> dict:
             "base_url": request.build_absolute_uri("/").rstrip("/"), **extra}
 
 
+def _id_param(request, name: str) -> str:
+    """An id from the query string; one that no span can have (empty, too long, NUL) is a 404."""
+    value = request.GET.get(name, "")
+    if not value or len(value) > MAX_ID or "\x00" in value:
+        raise Http404(f"no such {name}")
+    return value
+
+
 def _range_query(form: RangeForm) -> str:
     if not form.is_valid():
         return ""
@@ -50,9 +64,9 @@ def _range_query(form: RangeForm) -> str:
     return urlencode(keep)
 
 
-def _ranged(request) -> tuple[datetime, datetime, dict]:
+def _ranged(request, project) -> tuple[datetime, datetime, dict]:
     """The page's time window and what the range picker needs in the template."""
-    form = RangeForm(request.GET)
+    form = RangeForm(request.GET, bounds=project_data_window(project=project))
     start, end = form.window()
     return start, end, {"form": form, "range_key": form.range_key(), "range_query": _range_query(form),
                         "start": start, "end": end}
@@ -64,13 +78,13 @@ def home(request):
     if len(projects) == 1:
         return redirect("console:overview", project=projects[0]["project"].name)
     return render(request, "console/home.html", {"summaries": projects, "projects": [p["project"] for p in projects],
-                                                 "create_form": ProjectCreateForm()})
+                                                 "create_form": ProjectCreateForm() if request.user.is_staff else None})
 
 
 @login_required
 def overview(request, project: str):
     project = _project(request, project)
-    start, end, picker = _ranged(request)
+    start, end, picker = _ranged(request, project)
     data = overview_get(project_id=project.id, start=start, end=end)
     return render(request, "console/overview.html", _context(
         request, project, **picker, data=data,
@@ -80,7 +94,7 @@ def overview(request, project: str):
 @login_required
 def explorer(request, project: str):
     project = _project(request, project)
-    form = ExplorerForm(request.GET)
+    form = ExplorerForm(request.GET, bounds=project_data_window(project=project))
     start, end = form.window()
     data = form.cleaned_data if form.is_valid() else {}
     filters = SpanFilters(start=start, end=end, service=data.get("service"), model=data.get("model"),
@@ -98,13 +112,25 @@ def explorer(request, project: str):
 
 
 @login_required
-def span_detail(request, project: str, span_id: str):
+def span_detail(request, project: str):
     project = _project(request, project)
+    span_id = _id_param(request, "id")
     span = span_get(project_id=project.id, span_id=span_id)
     if span is None:
         raise Http404("no such span")
-    url = reverse("console:trace", kwargs={"project": project.name, "trace_id": span["trace_id"]})
-    return redirect(f"{url}?{urlencode({'span': span_id})}")
+    return redirect(trace_url(project.name, span["trace_id"], span_id))
+
+
+@login_required
+def span_by_path(request, project: str, span_id: str):
+    """A bookmark of the former /spans/<id>/ URL."""
+    return redirect(span_url(project, span_id))
+
+
+@login_required
+def trace_by_path(request, project: str, trace_id: str):
+    """A bookmark of the former /traces/<id>/?span=<id> URL."""
+    return redirect(trace_url(project, trace_id, request.GET.get("span")))
 
 
 def _flatten(nodes, depth=0, out=None):
@@ -116,8 +142,9 @@ def _flatten(nodes, depth=0, out=None):
 
 
 @login_required
-def trace(request, project: str, trace_id: str):
+def trace(request, project: str):
     project = _project(request, project)
+    trace_id = _id_param(request, "id")
     tree = trace_get(project_id=project.id, trace_id=trace_id)
     if tree is None:
         raise Http404("no such trace")
@@ -128,7 +155,7 @@ def trace(request, project: str, trace_id: str):
     spans = []
     for depth, node in rows:
         offset = (node["timestamp_utc"] - begin).total_seconds() * 1000
-        spans.append({**node, "depth": depth, "indent": depth * 1.2,
+        spans.append({**node, "depth": depth,
                       "bar_left": 100 * offset / total_ms,
                       "bar_width": max(100 * (node["latency_ms_total"] or 0) / total_ms, 0.5)})
     selected_id = request.GET.get("span") or spans[0]["span_id"]
@@ -140,7 +167,7 @@ def trace(request, project: str, trace_id: str):
 @login_required
 def security(request, project: str):
     project = _project(request, project)
-    start, end, picker = _ranged(request)
+    start, end, picker = _ranged(request, project)
     data = security_overview(project_id=project.id, start=start, end=end)
     recent = span_explore(project_id=project.id, filters=SpanFilters(start=start, end=end, flag="flagged"),
                           per_page=25)
@@ -151,10 +178,11 @@ def security(request, project: str):
 @login_required
 def similar(request, project: str):
     project = _project(request, project)
-    form = SimilarForm(request.GET or None)
+    form = SimilarForm(request.GET or None, bounds=project_data_window(project=project))
     items, error = None, None
     if form.is_bound and form.is_valid() and (form.cleaned_data.get("text") or form.cleaned_data.get("span")):
-        start, end = form.window() if (form.cleaned_data.get("range") or form.cleaned_data.get("start")) else (None, None)
+        ranged = form.cleaned_data.get("range") or form.cleaned_data.get("start") or form.cleaned_data.get("end")
+        start, end = form.window() if ranged else (None, None)
         filters = SpanFilters(start=start, end=end, service=form.cleaned_data.get("service"))
         try:
             items = search_similar(project_id=project.id, text=form.cleaned_data.get("text"),
@@ -165,10 +193,27 @@ def similar(request, project: str):
     return render(request, "console/similar.html", _context(request, project, form=form, items=items, error=error))
 
 
+def _key_form(request) -> KeyCreateForm:
+    """A key form with a fresh one-time token, remembered in the session until used."""
+    nonce = secrets.token_urlsafe(16)
+    request.session[_KEY_NONCES] = [*request.session.get(_KEY_NONCES, []), nonce][-_KEY_NONCES_KEPT:]
+    return KeyCreateForm(initial={"nonce": nonce})
+
+
+def _settings_page(request, project, *, form=None, new_key: str | None = None, status: int = 200):
+    response = render(request, "console/settings.html", _context(
+        request, project, form=form or ProjectSettingsForm(instance=project), keys=project_keys(project=project),
+        key_form=_key_form(request), new_key=new_key, config_refresh_seconds=settings.CONFIG_REFRESH_SECONDS),
+        status=status)
+    if new_key:
+        add_never_cache_headers(response)  # not from the browser's cache either (back button)
+    return response
+
+
 @login_required
 def settings_page(request, project: str):
     project = _project(request, project)
-    form = ProjectSettingsForm(instance=project)
+    form = None
     if request.method == "POST":
         form = ProjectSettingsForm(request.POST, instance=project)
         if form.is_valid():
@@ -179,26 +224,27 @@ def settings_page(request, project: str):
             else:
                 messages.success(request, "Settings saved. Ingestion uses them within seconds.")
                 return redirect("console:settings", project=project.name)
-    new_key = request.session.pop(_NEW_KEY, None)
-    if new_key and new_key.get("project") != project.id:
-        new_key = None
-    return render(request, "console/settings.html", _context(
-        request, project, form=form, keys=project_keys(project=project), key_form=KeyCreateForm(),
-        new_key=new_key and new_key["key"]))
+    return _settings_page(request, project, form=form)
 
 
 @login_required
-@require_POST
 def key_create(request, project: str):
+    """The new key is in this response only: it is never stored, not even in the session."""
     project = _project(request, project)
+    if request.method != "POST":
+        return redirect("console:settings", project=project.name)
     form = KeyCreateForm(request.POST)
     if not form.is_valid():
         messages.error(request, "A key needs a name of at most 100 characters.")
         return redirect("console:settings", project=project.name)
+    nonces = request.session.get(_KEY_NONCES, [])
+    if form.cleaned_data["nonce"] not in nonces:
+        messages.error(request, "That key form was already sent (a page reload?), so no second key was made. "
+                                "A key is shown only once: if you did not copy it, revoke it and create another.")
+        return redirect("console:settings", project=project.name)
+    request.session[_KEY_NONCES] = [n for n in nonces if n != form.cleaned_data["nonce"]]
     _, raw_key = api_key_create(project=project, name=form.cleaned_data["name"])
-    # Shown once, on the next page view; the session (signed, server-side) carries it there.
-    request.session[_NEW_KEY] = {"project": project.id, "key": raw_key}
-    return redirect("console:settings", project=project.name)
+    return _settings_page(request, project, new_key=raw_key, status=201)
 
 
 @login_required
@@ -209,12 +255,20 @@ def key_revoke(request, project: str, key_id: int):
     if api_key is None:
         raise Http404("no such key")
     api_key_revoke(api_key=api_key)
-    messages.success(request, f"Key {api_key.prefix}… revoked: it is refused from now on.")
+    messages.success(request, f"Key {api_key.prefix}… revoked: refused from now on by this process, and by the "
+                              f"others within {settings.CONFIG_REFRESH_SECONDS} s (CONFIG_REFRESH_SECONDS).")
     return redirect("console:settings", project=project.name)
 
 
 @login_required
 def project_new(request):
+    """Staff only. Project names are global (they are in every URL), so creating one under a name of
+    one's choosing would tell whether a project the user cannot see has it; staff see every project.
+    """
+    if not request.user.is_staff:
+        return render(request, "console/project_new.html", {"forbidden": True,
+                                                            "projects": projects_for_user(user=request.user)},
+                      status=403)
     form = ProjectCreateForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         project = project_create(name=form.cleaned_data["name"], owner=request.user)

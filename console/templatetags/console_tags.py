@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django import template
+from django.urls import reverse
 from django.utils.http import urlencode
 
 register = template.Library()
@@ -81,3 +82,15 @@ def pretty_json(value) -> str:
     import json
 
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+@register.simple_tag
+def trace_url(project: str, trace_id: str, span_id: str | None = None) -> str:
+    """The trace page, ids in the query string: they may hold '/', '?', '#', '..' or anything else."""
+    params = {"id": trace_id, **({"span": span_id} if span_id else {})}
+    return reverse("console:trace", kwargs={"project": project}) + "?" + urlencode(params)
+
+
+@register.simple_tag
+def span_url(project: str, span_id: str) -> str:
+    return reverse("console:span", kwargs={"project": project}) + "?" + urlencode({"id": span_id})

@@ -34,11 +34,11 @@ def test_a_project_of_someone_else_is_a_404(logged_in, other_project, name):
 def test_spans_and_traces_of_another_project_are_404(logged_in, project, other_project):
     rows = make_spans(other_project, 2, trace_id="secret-trace")
     span_id = rows[0]["span_id"]
-    assert logged_in.get(url("console:span", project=other_project.name, span_id=span_id)).status_code == 404
-    assert logged_in.get(url("console:trace", project=other_project.name, trace_id="secret-trace")).status_code == 404
+    assert logged_in.get(url("console:span", project=other_project.name), {"id": span_id}).status_code == 404
+    assert logged_in.get(url("console:trace", project=other_project.name), {"id": "secret-trace"}).status_code == 404
     # ...and asking for them under one's own project finds nothing either.
-    assert logged_in.get(url("console:span", project=project.name, span_id=span_id)).status_code == 404
-    assert logged_in.get(url("console:trace", project=project.name, trace_id="secret-trace")).status_code == 404
+    assert logged_in.get(url("console:span", project=project.name), {"id": span_id}).status_code == 404
+    assert logged_in.get(url("console:trace", project=project.name), {"id": "secret-trace"}).status_code == 404
     page = logged_in.get(url("console:explorer", project=project.name), {"trace": "secret-trace"})
     assert page.status_code == 200 and span_id not in page.content.decode()
 
@@ -143,7 +143,7 @@ def test_trace_page_shows_the_tree_and_the_selected_span(logged_in, project):
     make_spans(project, 1, trace_id="t-1", span_id="root", start=now, model="gpt-4o")
     make_spans(project, 1, trace_id="t-1", span_id="child", parent_span_id="root", start=now + timedelta(seconds=1),
                prompt="my card is 4111 1111 1111 1111", user_id="carol", session_id="sess-9")
-    response = logged_in.get(url("console:trace", project=project.name, trace_id="t-1"), {"span": "child"})
+    response = logged_in.get(url("console:trace", project=project.name), {"id": "t-1", "span": "child"})
     assert response.status_code == 200
     page = response.content.decode()
     assert [s["span_id"] for s in response.context["spans"]] == ["root", "child"]
@@ -152,8 +152,13 @@ def test_trace_page_shows_the_tree_and_the_selected_span(logged_in, project):
     assert "4111 1111 1111 1111" not in page and "PII redacted" in page
     assert "?user=carol" in page and "?session=sess-9" in page
     # A span URL sends you to its trace with the span selected.
-    jump = logged_in.get(url("console:span", project=project.name, span_id="child"))
-    assert jump.status_code == 302 and jump["Location"].endswith("/traces/t-1/?span=child")
+    jump = logged_in.get(url("console:span", project=project.name), {"id": "child"})
+    assert jump.status_code == 302 and jump["Location"] == "/p/acme/trace/?id=t-1&span=child"
+    # The former URLs (ids in the path) still lead there.
+    old = logged_in.get("/p/acme/spans/child/", follow=True)
+    assert old.redirect_chain[-1][0] == "/p/acme/trace/?id=t-1&span=child" and old.status_code == 200
+    old = logged_in.get("/p/acme/traces/t-1/?span=child")
+    assert old.status_code == 302 and old["Location"] == "/p/acme/trace/?id=t-1&span=child"
 
 
 def test_security_page_counts_by_pattern(logged_in, project):
@@ -169,16 +174,30 @@ def test_security_page_counts_by_pattern(logged_in, project):
     assert "jane@example.com" not in response.content.decode()
 
 
+def _nonce(page) -> str:
+    return page.content.decode().split('name="nonce" value="')[1].split('"')[0]
+
+
 def test_creating_and_revoking_a_key(logged_in, project):
     settings_url = url("console:settings", project=project.name)
-    response = logged_in.post(url("console:key_create", project=project.name), {"name": "ci"})
-    assert response.status_code == 302
-    page = logged_in.get(settings_url).content.decode()
+    form = {"name": "ci", "nonce": _nonce(logged_in.get(settings_url))}
+    response = logged_in.post(url("console:key_create", project=project.name), form)
+    # The key is in the answer to the POST itself, which no cache keeps...
+    assert response.status_code == 201 and "no-store" in response["Cache-Control"]
+    page = response.content.decode()
     key = ApiKey.objects.get(project=project, name="ci")
     raw = page.split('id="new-key" readonly value="')[1].split('"')[0]
     assert raw.startswith(f"llmo_{key.prefix}_") and api_key_check(raw_key=raw).project == project
-    # Shown once: the next view of the page no longer has it.
+    # ...and nowhere else: not in the session (as stored in the database), not on the next view of the page.
+    from django.contrib.sessions.models import Session
+
+    stored = [s.get_decoded() for s in Session.objects.all()]
+    assert stored and not any(raw in repr(s) or key.prefix in repr(s) for s in stored)
     assert raw not in logged_in.get(settings_url).content.decode()
+    # Sending the same form again (a reload of the POST) makes no second key.
+    again = logged_in.post(url("console:key_create", project=project.name), form, follow=True)
+    assert "no second key was made" in again.content.decode() and raw not in again.content.decode()
+    assert ApiKey.objects.filter(project=project).count() == 1
     logged_in.post(url("console:key_revoke", project=project.name, key_id=key.pk))
     from ingest.selectors.api_keys import api_key_cache_clear
 
@@ -205,12 +224,34 @@ def test_project_settings_are_validated(logged_in, project):
     assert (project.sampling_rate, project.redaction_mode, project.retention_days) == (25, "drop", 7)
 
 
-def test_creating_a_project_makes_the_creator_a_member(logged_in, member):
-    response = logged_in.post(url("console:project_new"), {"name": "new-thing"})
+def test_staff_create_projects_and_become_members(client, db):
+    staff = get_user_model().objects.create_user("root", password="x" * 20, is_staff=True)
+    client.force_login(staff)
+    assert "+ Project" in client.get("/").content.decode()
+    response = client.post(url("console:project_new"), {"name": "new-thing"})
     assert response.status_code == 302
-    assert member.llm_projects.filter(name="new-thing").exists()
-    again = logged_in.post(url("console:project_new"), {"name": "new-thing"})
+    assert staff.llm_projects.filter(name="new-thing").exists()
+    again = client.post(url("console:project_new"), {"name": "new-thing"})
     assert again.status_code == 200 and "exists" in again.content.decode()
+
+
+def test_no_project_name_oracle_for_members(logged_in, other_project):
+    """Names are global: a member's answer must not depend on whether a project they cannot see has it."""
+    assert "+ Project" not in logged_in.get(url("console:overview", project="acme")).content.decode()
+    taken = logged_in.post(url("console:project_new"), {"name": other_project.name})
+    free = logged_in.post(url("console:project_new"), {"name": "no-such-project"})
+    assert taken.status_code == free.status_code == 403
+    assert "Ask an administrator" in taken.content.decode()
+    import re
+
+    def without_tokens(response):  # the logout form's CSRF token is masked afresh on every page
+        return re.sub(r'name="csrfmiddlewaretoken" value="[^"]*"', "", response.content.decode())
+
+    assert without_tokens(taken) == without_tokens(free)
+    assert logged_in.get(url("console:project_new")).status_code == 403
+    from ingest.models import Project
+
+    assert not Project.objects.filter(name="no-such-project").exists()
 
 
 def test_similar_page_reports_a_span_without_embedding(logged_in, project):

@@ -1,4 +1,6 @@
-// llm-observe console: charts (Chart.js, served from /static, no CDN), copy buttons, project switcher.
+// llm-observe console: charts (Chart.js, served from /static, no CDN), copy buttons, project switcher,
+// and the few computed styles (set here through the CSSOM, which the Content-Security-Policy allows,
+// instead of style attributes, which it refuses).
 (function () {
   "use strict";
   function data(id) {
@@ -8,6 +10,7 @@
   function label(t, stepSeconds) {
     var d = new Date(t);
     var iso = d.toISOString();
+    if (stepSeconds >= 7 * 86400) return iso.slice(0, 10);
     return stepSeconds >= 86400 ? iso.slice(5, 10) : iso.slice(5, 10) + " " + iso.slice(11, 16);
   }
   var palette = ["#0969da", "#cf222e", "#1a7f37", "#9a6700", "#8250df", "#bf3989"];
@@ -69,6 +72,19 @@
   });
   document.querySelectorAll("form[data-confirm]").forEach(function (form) {
     form.addEventListener("submit", function (e) { if (!window.confirm(form.getAttribute("data-confirm"))) e.preventDefault(); });
+  });
+  document.querySelectorAll("td[data-indent]").forEach(function (td) {
+    td.style.paddingLeft = 1.2 * Number(td.getAttribute("data-indent")) + "rem";
+  });
+  document.querySelectorAll(".bar[data-left]").forEach(function (bar) {
+    bar.style.marginLeft = bar.getAttribute("data-left") + "%";
+    bar.style.width = bar.getAttribute("data-width") + "%";
+  });
+  document.querySelectorAll("form[data-once]").forEach(function (form) {
+    // A double click would send the one-time token twice: the second is refused, but says so on a new page.
+    form.addEventListener("submit", function () {
+      form.querySelectorAll("button[type=submit]").forEach(function (b) { b.disabled = true; });
+    });
   });
   var sw = document.querySelector("form[data-project-switch] select");
   if (sw) sw.addEventListener("change", function () { if (sw.value) window.location = sw.value; });
