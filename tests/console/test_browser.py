@@ -23,6 +23,7 @@ from tests.console.conftest import make_spans
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 PASSWORD = "a long and unguessable pass phrase"
+HOSTILE_TRACE = "../../a/b?c=d&e#f %2e%2e"
 
 if not os.path.exists(CHROMIUM):
     if os.environ.get("LLM_OBSERVE_REQUIRE_BROWSER"):
@@ -71,6 +72,12 @@ def seeded(transactional_db, settings):
     make_spans(project, 1, start=now - timedelta(hours=1) + timedelta(milliseconds=300), trace_id="trace-tree",
                span_id="agent-tool", parent_span_id="agent-root", model="gpt-4o-mini",
                prompt="Look up parcel 42", latency_ms_total=900)
+    # Ids as hostile as a key holder may send: browsers rewrite '..' in paths, '#' ends a URL, '?' starts one.
+    make_spans(project, 1, start=now - timedelta(minutes=30), trace_id=HOSTILE_TRACE, span_id="../root?x=1#y",
+               model="gpt-4o", service_name="odd-ids", prompt="hostile ids", latency_ms_total=1000)
+    make_spans(project, 1, start=now - timedelta(minutes=30) + timedelta(milliseconds=500), trace_id=HOSTILE_TRACE,
+               span_id="child/../ ü 100%", parent_span_id="../root?x=1#y", model="gpt-4o-mini",
+               service_name="odd-ids", prompt="hostile child", latency_ms_total=250)
     # Embeddings as the Celery worker would make them (same function), so similarity search has data.
     from ingest.services.embeddings import embeddings_compute
 
@@ -118,6 +125,7 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Content-Security-Policy violations are console errors in Chromium ("Refused to ...").
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 and "/admin/" not in r.url
             and "/v1/" not in r.url else None)
@@ -128,7 +136,7 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     login(page, base)
     page.click("a.pill:text('24h')")
     page.wait_for_url(re.compile(r"range=24h"))
-    assert page.locator(".tile strong").first.inner_text() == "148"
+    assert page.locator(".tile strong").first.inner_text() == "150"
     drawn = page.evaluate("Array.from(document.querySelectorAll('canvas[data-chart]'))"
                           ".map(c => !!Chart.getChart(c) && Chart.getChart(c).data.datasets[0].data.length)")
     assert drawn and all(n and n >= 24 for n in drawn), drawn
@@ -148,6 +156,19 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     assert page.locator("tr.selected").inner_text().startswith("gpt-4o-mini")
     expect(page.locator("text=Look up parcel 42")).to_be_visible()
     shot(page, "04-trace")
+    # Hostile ids: from the explorer to the trace, the child selected, bars drawn by console.js.
+    page.goto(f"{base}/p/shop/spans/?service=odd-ids")
+    page.click("table.spans tbody tr:last-child td a")
+    expect(page.locator("h1 code")).to_have_text(HOSTILE_TRACE)
+    page.click("table.tree a:text('gpt-4o-mini')")
+    expect(page.locator("section.detail h2 code")).to_have_text("child/../ ü 100%")
+    bars = page.evaluate("Array.from(document.querySelectorAll('.bar')).map(b => [b.style.marginLeft, b.style.width])")
+    assert bars == [["0%", "100%"], ["50%", "25%"]], bars
+    assert page.evaluate("document.querySelector('td[data-indent=\"1\"]').style.paddingLeft") == "1.2rem"
+    page.click("section.detail a:text('find similar')")
+    page.wait_for_url(re.compile(r"/similar/"))
+    page.click("form.similar-form a code")
+    expect(page.locator("section.detail h2 code")).to_have_text("child/../ ü 100%")
     page.goto(f"{base}/p/shop/traces/trace-pii/")
     body = page.locator("main").inner_text()
     assert "4111 1111 1111 1111" not in body and "anna@example.com" not in body and "PII redacted" in body
@@ -176,6 +197,7 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     page.click("text=Create key")
     raw_key = page.input_value("#new-key")
     assert raw_key.startswith("llmo_")
+    assert page.evaluate("document.querySelectorAll('input[name=nonce]').length") == 1
     page.click("button[data-copy]")
     expect(page.locator("button[data-copy]")).to_have_text("Copied")  # after the clipboard's promise
     shot(page, "07-new-key")
@@ -201,6 +223,7 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     assert "$1.00" in page.locator("dl.facts").inner_text()
 
     page.goto(f"{base}/p/shop/settings/")
+    assert raw_key not in page.content()  # shown once
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("tr:has-text('browser-test') button:text('Revoke')")
     page.wait_for_selector("tr:has-text('browser-test') .badge.error")
@@ -216,6 +239,16 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     page.click("nav.tabs >> text=Overview")
     expect(page.locator("text=Send your first span")).to_be_visible()
     shot(page, "11-empty-project")
+
+    # The API docs (Swagger UI, served from /static) run under the same policy. Only policy
+    # violations are looked for here: what Swagger UI says of the schema is the API's business.
+    docs = browser.new_page()
+    refused: list[str] = []
+    docs.on("console", lambda msg: refused.append(msg.text) if "Content Security Policy" in msg.text else None)
+    docs.goto(f"{base}/api/docs")
+    docs.wait_for_selector("#swagger-ui .swagger-ui")
+    docs.close()
+    assert not refused, refused
 
     # The overview on a phone.
     phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
