@@ -13,9 +13,15 @@ from urllib.parse import quote
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django.conf import settings as django_settings
 from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from tests.console.conftest import make_spans
+
+# Hypothesis keeps caches (unicode tables) in its home folder, by default .hypothesis/ in the
+# checkout, where pytest would then warn about it on every run.
+set_hypothesis_home_dir(str(django_settings.DATA_DIR / "hypothesis"))
 
 # Query parameters of each project page (path under /p/<name>/).
 PAGES = {

@@ -118,3 +118,14 @@ def test_the_metric_is_exposed_from_the_start(client):
     body, _ = metrics_exposition()
     assert b'llm_login_lockouts_total{scope="account"}' in body
     assert b'llm_login_lockouts_total{scope="address"}' in body
+
+
+def test_without_redis_logins_go_on_unthrottled(ops, settings, caplog):
+    """A dead cache must not lock the operators out of the appliance they need to repair."""
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:1/0", "OPTIONS": {"socket_connect_timeout": 1}}}
+    settings.LOGIN_FAILURES_PER_ACCOUNT = 1
+    attempt("console", "ops", "wrong")
+    client, response = attempt("console", "ops", PASSWORD)
+    assert response.status_code == 302 and logged_in(client)
+    assert "login throttling is off" in caplog.text
