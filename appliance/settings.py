@@ -270,3 +270,30 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))},
     "loggers": {"django.request": {"level": "ERROR"}},
 }
+
+# --- console: cache, login throttling, Content-Security-Policy -----------------------------
+# The shared cache is Redis (the broker's server, keys under "llmo:"): login throttling must be
+# counted once for every web worker. Short timeouts: a login never hangs on a dead Redis.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "llmo",
+        "OPTIONS": {"socket_timeout": 1, "socket_connect_timeout": 1},
+    }
+}
+# LockoutBackend first: it refuses locked accounts/addresses before any password is checked.
+AUTHENTICATION_BACKENDS = ["console.throttle.LockoutBackend", "django.contrib.auth.backends.ModelBackend"]
+LOGIN_FAILURES_PER_ACCOUNT = env_int("LOGIN_FAILURES_PER_ACCOUNT", 5, minimum=1, maximum=1000)
+LOGIN_FAILURES_PER_ADDRESS = env_int("LOGIN_FAILURES_PER_ADDRESS", 20, minimum=1, maximum=100_000)
+# Both the window the failures are counted in and how long a lock lasts.
+LOGIN_LOCKOUT_SECONDS = env_int("LOGIN_LOCKOUT_SECONDS", 900, minimum=1, maximum=86_400)
+# 0: the client address is REMOTE_ADDR and X-Forwarded-For is ignored (anyone can forge it). Behind N
+# reverse proxies that each append to X-Forwarded-For, N picks the address the first proxy saw.
+LOGIN_TRUSTED_PROXY_HOPS = env_int("LOGIN_TRUSTED_PROXY_HOPS", 0, minimum=0, maximum=10)
+# Sent with every HTML response (console, admin, API docs). The console has no inline script or style.
+CONTENT_SECURITY_POLICY = env_str(
+    "CONTENT_SECURITY_POLICY",
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+MIDDLEWARE = [*MIDDLEWARE, "console.csp.ContentSecurityPolicyMiddleware"]
