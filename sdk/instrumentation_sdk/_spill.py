@@ -27,6 +27,7 @@ segment is made, never a SIGBUS on a write.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -38,6 +39,7 @@ import struct
 import threading
 import time
 import uuid
+from threading import get_ident
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -197,9 +199,10 @@ class SpillFile:
         self.written = 0
         self.skipped = 0  # spans that could not be spilled (too large for the bound, not serialisable, full)
         self._closed = False
+        self._inside: set[int] = set()  # threads in the lock (or about to be): see write()
         self._no_file_until = 0.0  # after a failed create (ENOSPC): not on every report()
         ensure_private_dir(directory)
-        with self._lock:
+        with self._held():
             self._active = self._new_segment(SEGMENT_BYTES)
 
     # -- segments ---------------------------------------------------------------------
@@ -309,26 +312,47 @@ class SpillFile:
             return None
         length = RECORD_HEAD + len(payload)
         need = length + 4
-        with self._lock:
-            seg = self._active
-            if seg is None or seg.pos + need > seg.size:
-                if self._closed:
-                    return None
-                seg = self._next(need)
-                if seg is None:
-                    self.skipped += 1
-                    return None
-            off = seg.pos
-            mm = seg.mm
-            _RECORD.pack_into(mm, off, length, kind, WRITING, when)
-            end = off + length
-            mm[off + RECORD_HEAD:end] = payload
-            mm[end:end + 4] = _END
-            mm[off + STATE_AT] = COMPLETE  # last: a record is whole or ignored
-            seg.pos = end
-            seg.records += 1
-            self.written += 1
-            return seg, seg.gen, off
+        ident = get_ident()
+        if ident in self._inside:
+            # report() from a signal handler or a finaliser (a dropped stream reports itself) that
+            # interrupted this very thread inside the lock: waiting for it would wait forever.
+            self.skipped += 1
+            return None
+        self._inside.add(ident)
+        try:
+            with self._lock:
+                seg = self._active
+                if seg is None or seg.pos + need > seg.size:
+                    if self._closed:
+                        return None
+                    seg = self._next(need)
+                    if seg is None:
+                        self.skipped += 1
+                        return None
+                off = seg.pos
+                mm = seg.mm
+                _RECORD.pack_into(mm, off, length, kind, WRITING, when)
+                end = off + length
+                mm[off + RECORD_HEAD:end] = payload
+                mm[end:end + 4] = _END
+                mm[off + STATE_AT] = COMPLETE  # last: a record is whole or ignored
+                seg.pos = end
+                seg.records += 1
+                self.written += 1
+                return seg, seg.gen, off
+        finally:
+            self._inside.discard(ident)
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """The lock, for everything but write(), which must see this thread in `_inside` meanwhile."""
+        ident = get_ident()
+        self._inside.add(ident)
+        try:
+            with self._lock:
+                yield
+        finally:
+            self._inside.discard(ident)
 
     # -- the sender thread ------------------------------------------------------------
 
@@ -336,7 +360,7 @@ class SpillFile:
         """These spans are durable elsewhere (delivered, rejected for good, in the WAL)."""
         if not handles:
             return
-        with self._lock:
+        with self._held():
             for seg, gen, off in handles:
                 mm = seg.mm
                 if seg.gen == gen and not mm.closed and mm[off + STATE_AT] == COMPLETE:
@@ -345,7 +369,7 @@ class SpillFile:
 
     def collect(self) -> None:
         """Recycle or remove retired segments whose spans are all done; prepare the next segment early."""
-        with self._lock:
+        with self._held():
             self._reclaim()
             active = self._active
             if self._standby is not None or active is None or active.pos <= active.size // 2 or self._closed:
@@ -358,27 +382,27 @@ class SpillFile:
         try:
             seg = self._create(name, SEGMENT_BYTES)
         except OSError:
-            with self._lock:
+            with self._held():
                 self.bytes -= SEGMENT_BYTES
             return
-        with self._lock:
+        with self._held():
             if self._standby is None and not self._closed:
                 self._standby = seg
                 return
             self._drop(seg)
 
     def pending(self) -> int:
-        with self._lock:
+        with self._held():
             segs = [s for s in (self._active, *self._retired) if s is not None]
             return sum(s.records - s.done for s in segs)
 
     def segment_paths(self) -> list[Path]:
-        with self._lock:
+        with self._held():
             return [s.path for s in (self._active, self._standby, *self._retired) if s is not None]
 
     def close(self) -> bool:
         """Remove the files when every span is done (True); otherwise leave them for the next process."""
-        with self._lock:
+        with self._held():
             segs = [s for s in (self._active, self._standby, *self._retired) if s is not None]
             clean = all(s.done == s.records for s in segs)
             self._closed = True

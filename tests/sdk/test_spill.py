@@ -201,3 +201,32 @@ def test_cli_shows_and_recovers_the_spill_files_of_ended_processes(sink, tmp_pat
     reporter = sdk.SpanReporter()
     sdk.set_reporter(reporter)
     assert reporter.flush(10) and len(sink.by_id) == 20
+
+
+def test_report_from_a_signal_handler_that_interrupts_report_does_not_deadlock(sink):
+    """A handler (or a finaliser: a dropped stream reports itself) may run report() while this very
+    thread is inside the spill file's lock; that span goes to memory only, nothing waits forever."""
+    out = run_script("""
+        import itertools, signal
+        from instrumentation_sdk import get_reporter
+        r = get_reporter()
+        r.report({"span_id": "warm"})  # configuration read, sender started, spill file open
+        fired, ids = [], itertools.count()
+        def handler(signum, frame):  # may itself be interrupted by the next signal: ids from a counter
+            fired.append(r.report({"span_id": f"sig-{next(ids)}"}))
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        # Rounds below batch_size: report() then never wakes the sender (threading.Event.set() takes
+        # a lock of its own, which a handler must not need either; see the README).
+        for round in range(50):
+            for i in range(800):
+                r.report({"span_id": f"main-{round}-{i}"})
+            r.flush(30)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(len(fired), r.stats["spill_skipped"], r.flush(30), flush=True)
+    """, {"LLM_OBSERVE_URL": sink.url, "LLM_OBSERVE_API_KEY": sink.key, "LLM_OBSERVE_BATCH_SIZE": "1000"},
+        timeout=60)
+    assert out.returncode == 0, out.stderr
+    fired, skipped, flushed = out.stdout.split()
+    assert int(fired) > 10 and flushed == "True"
+    assert len(sink.by_id) == 1 + 40_000 + int(fired) and sink.duplicates == 0
