@@ -652,8 +652,19 @@ _EXAMPLES = {
 }
 
 
+def _merge_status_keys(schema: dict) -> None:
+    # ninja keys responses by int, openapi_extra by string: both would be written as "200", a JSON
+    # object with a duplicate key, which Swagger UI refuses. One entry, the route's own text winning.
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses") if isinstance(operation, dict) else None
+            for code in [k for k in responses or () if isinstance(k, int) and str(k) in responses]:
+                responses[str(code)] = {**responses.pop(code), **responses[str(code)]}
+
+
 def openapi_add_examples(schema: dict) -> dict:
     """Put a 200 example on the operations listed above, unless they have one already."""
+    _merge_status_keys(schema)
     for (path, method), example in _EXAMPLES.items():
         operation = schema.get("paths", {}).get(path, {}).get(method)
         if not operation:

@@ -295,3 +295,16 @@ def test_big_numbers_in_metadata_read_back(api):
     got = api.get("/v1/spans")
     assert got.status_code == 200
     assert got.json()["items"][0]["metadata"]["x"] == 10**308
+
+
+def test_openapi_document_has_no_duplicate_keys(client, db):
+    # ninja keys responses by int and openapi_extra by string: both became "200" and Swagger UI refused the file.
+    import json
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), f"duplicate keys {keys}"
+        return dict(pairs)
+
+    schema = json.loads(client.get("/api/openapi.json").content, object_pairs_hook=no_duplicates)
+    assert "200" in schema["paths"]["/v1/traces"]["post"]["responses"]
