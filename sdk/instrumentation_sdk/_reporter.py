@@ -171,6 +171,36 @@ def normalise_finish_reason(value: Any) -> str | None:
     return text if text in FINISH_REASONS else "unspecified"
 
 
+class _Wake(threading.Event):
+    """The sender's wake-up. report() may run inside a signal handler or a finaliser that interrupted
+    its own thread in the middle of set() (or of the sender's wait/clear): Event's lock is then held
+    by that very thread, and waiting for it would never end. The nested set() is skipped instead: an
+    interrupted set() completes the wake-up itself; an interrupted wait() ends at its timeout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inside: set[int] = set()
+
+    def _guarded(self, method: Any, *args: Any) -> Any:
+        ident = threading.get_ident()
+        if ident in self._inside:
+            return False
+        self._inside.add(ident)
+        try:
+            return method(*args)
+        finally:
+            self._inside.discard(ident)
+
+    def set(self) -> None:
+        self._guarded(super().set)
+
+    def clear(self) -> None:
+        self._guarded(super().clear)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._guarded(super().wait, timeout)
+
+
 class _RateLimitedLog:
     """At most one line per key every `every` seconds; the rest is counted and summarised."""
 
@@ -213,7 +243,7 @@ class SpanReporter:
         self._overflow: list = []
         self._spill: _spill.SpillFile | bool | None = None  # None: not opened yet; False: off
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._wake = _Wake()
         self._idle = threading.Condition(threading.Lock())
         self._busy = False
         self._cycles = 0  # sender cycles completed (each one looks at the queue, the first also at the disk)

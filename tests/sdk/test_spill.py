@@ -216,16 +216,15 @@ def test_report_from_a_signal_handler_that_interrupts_report_does_not_deadlock(s
             fired.append(r.report({"span_id": f"sig-{next(ids)}"}))
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
-        # Rounds below batch_size: report() then never wakes the sender (threading.Event.set() takes
-        # a lock of its own, which a handler must not need either; see the README).
-        for round in range(50):
-            for i in range(800):
+        # Rounds of several batches (report() wakes the sender: Event.set() has a lock of its own),
+        # within the queue's bound; flush() in between (it wakes the sender too).
+        for round in range(10):
+            for i in range(4000):
                 r.report({"span_id": f"main-{round}-{i}"})
             r.flush(30)
         signal.setitimer(signal.ITIMER_REAL, 0)
         print(len(fired), r.stats["spill_skipped"], r.flush(30), flush=True)
-    """, {"LLM_OBSERVE_URL": sink.url, "LLM_OBSERVE_API_KEY": sink.key, "LLM_OBSERVE_BATCH_SIZE": "1000"},
-        timeout=60)
+    """, {"LLM_OBSERVE_URL": sink.url, "LLM_OBSERVE_API_KEY": sink.key}, timeout=60)
     assert out.returncode == 0, out.stderr
     fired, skipped, flushed = out.stdout.split()
     assert int(fired) > 10 and flushed == "True"
