@@ -661,7 +661,7 @@ class SpanReporter:
         backoff, as when it is down. A span blamed alone gets one more try alone (a one-off 500
         must not cost a good span). True when every row was settled.
         """
-        proof = self._blame_proof
+        proved, oks = self._blame_proof, self._oks  # proof: that, or a 202 (not a 4xx) from here on
         level, delivered, suspects, kept = [rows], [], [], []
         while level:
             blamed: list[list[WalRow]] = []
@@ -670,8 +670,7 @@ class SpanReporter:
                 for position, half in enumerate(halves):
                     outcome = self._send([(row.span_id, row.body) for row in half], cfg)
                     if outcome == "ok":
-                        delivered.extend(half)
-                        proof = True
+                        delivered.extend(half)  # stored, or rejected for good
                     elif outcome == "blamed":
                         (suspects if len(part) == 1 else blamed).append(half)
                     else:  # down, overloaded, refused: the rest waits in the WAL like any batch
@@ -679,12 +678,14 @@ class SpanReporter:
                         self._settle(wal, delivered, [], kept + [r for s in suspects for r in s], cfg)
                         self._failed(outcome)
                         return False
-            if not proof and blamed and not delivered:
+            if blamed and not (proved or self._oks != oks):
                 kept.extend(row for part in blamed for row in part)  # nothing shows the spans are at fault
                 break
             level = blamed
-        dead = [row for part in suspects for row in part] if proof else []
-        if not proof:
+        if proved or self._oks != oks:
+            dead = [row for part in suspects for row in part]
+        else:
+            dead = []
             kept.extend(row for part in suspects for row in part)
         self._settle(wal, delivered, dead, kept, cfg)
         if kept:
