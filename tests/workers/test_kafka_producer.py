@@ -7,7 +7,7 @@ import time
 from ingest.contracts import SpanMessageV1
 from ingest.models import Span
 from ingest.queues import Topic
-from tests.kafka_broker import kafka_broker, kafka_mode  # noqa: F401 - fixtures
+from tests.kafka_broker import SESSION_TIMEOUT_MS, TansuBroker, kafka_broker, kafka_mode  # noqa: F401 - fixtures
 
 
 def _spans(prefix: str, n: int, **extra) -> list[dict]:
@@ -78,6 +78,29 @@ def test_broker_down_answers_503_then_ingestion_resumes(api, kafka_mode):
     messages = kafka_mode.read_all(Topic.SPANS_RAW, expect=3)
     ids = {SpanMessageV1.from_bytes(m.value()).span_id for m in messages}
     assert {"during-0", "during-1", "during-2"} <= ids
+
+
+def test_after_a_broker_restart_that_outlasted_a_request_the_next_request_is_accepted(api, settings, tmp_path):
+    """A broker that keeps its data (S3 storage) fences the producer whose messages timed out while it was
+    away; the request that meets the fence is retried at once with a new producer, not answered 503."""
+    from ingest.producer import producer_close
+
+    broker = TansuBroker(tmp_path / "tansu.log", storage=tmp_path / "storage")
+    broker.start()
+    settings.WITH_KAFKA, settings.KAFKA_BOOTSTRAP_SERVERS = True, broker.bootstrap
+    settings.KAFKA_DELIVERY_TIMEOUT_MS, settings.KAFKA_SESSION_TIMEOUT_MS = 2000, SESSION_TIMEOUT_MS
+    try:
+        assert api.post("/v1/spans", _spans("before", 2)).status_code == 202
+        broker.stop()
+        assert api.post("/v1/spans", _spans("during", 2)).status_code == 503  # timed out: the broker is away
+        broker.start()
+        response = api.post("/v1/spans", _spans("during", 2))
+        assert response.status_code == 202, response.content
+        ids = {SpanMessageV1.from_bytes(m.value()).span_id for m in broker.read_all(Topic.SPANS_RAW, expect=4)}
+        assert ids == {"before-0", "before-1", "during-0", "during-1"}
+    finally:
+        producer_close(timeout=2)
+        broker.close()
 
 
 def test_missing_topics_are_created_with_the_configured_partitions(api, kafka_mode, settings):

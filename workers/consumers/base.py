@@ -26,7 +26,9 @@ from ingest.producer import kafka_config, message_max_bytes, topics_ensure
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 30.0
+# A retry against a database or broker that is still down costs one refused connection: a short
+# ceiling is cheap, and a longer one is added, whole, to the time it takes to notice they are back.
+MAX_BACKOFF_SECONDS = 2.0
 HEADER_REASON = "dlq.reason"
 
 
