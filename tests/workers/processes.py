@@ -13,6 +13,7 @@ Every process is started in its own session and killed by its process group.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -92,7 +93,8 @@ class Stack:
 
     def query(self, sql: str, params: list | None = None) -> list[tuple]:
         with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
-            return conn.execute(sql, params).fetchall()
+            cursor = conn.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
 
     def span_counts(self) -> tuple[int, int, int]:
         """(rows, distinct span_ids, ingest_spankey rows) of the project."""
@@ -111,6 +113,12 @@ class Stack:
 
     def pg_running(self) -> bool:
         return self._pg is not None and self._pg.running_port() is not None
+
+    def pg_pid(self) -> int | None:
+        try:
+            return int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
         return self._pg._run(["pg_ctl", *args, "-D", str(self.pgdata)])
@@ -280,6 +288,41 @@ def port_open(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True
     return False
+
+
+def mount_small_disk(path: Path, *, megabytes: int, owner: str) -> None:
+    """A tmpfs of `megabytes` on `path`, owned by `owner` (the user the embedded PostgreSQL runs as)."""
+    import pwd
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
+    entry = pwd.getpwnam(owner)
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0700,uid={entry.pw_uid},"
+                           f"gid={entry.pw_gid}", "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed (no CAP_SYS_ADMIN here?): {done.stderr.strip()}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "--lazy", str(path)], capture_output=True)
+
+
+def fill_disk(path: Path) -> Path:
+    """Write a file in `path` until its filesystem has no space left; answers the file."""
+    filler = path / "zz-filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    block = b"\1" * 65536
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+    return filler
 
 
 def new_data_dir(name: str) -> Path:

@@ -131,7 +131,11 @@ def test_three_consumers_two_webs_ride_out_a_consumer_kill_a_broker_restart_and_
         wait_for(lambda: stack.span_counts()[0] >= 400, 60, "the first spans stored", check=all_alive)
 
         # 1. A consumer that owns a partition is SIGKILLed mid-stream; the supervisor starts another.
-        victim = next(c for c in consumers if c.output().rfind("assigned llm") > c.output().rfind("revoked llm"))
+        def owner() -> ConsumerProcess | None:
+            return next((c for c in consumers if c.output().rfind("assigned llm") > c.output().rfind("revoked llm")),
+                        None)
+
+        victim = wait_for(owner, 30, "a consumer that owns a partition", check=all_alive)
         kill_group(victim.proc)
         killed.append(victim)
         fault = time.monotonic()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
+import psycopg
 from confluent_kafka import Message
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, connection
 
@@ -31,8 +32,11 @@ from workers.consumers.base import BatchConsumer, Poison, TransientError
 log = logging.getLogger(__name__)
 
 # Errors of one row's content: that row can never be stored. Everything else from the
-# database (connection lost, server restarting, even a missing table) is waited out.
-_ROW_ERRORS = (DataError, IntegrityError)
+# database (connection lost, server restarting, disk full, even a missing table) is waited out.
+# psycopg's own classes too: what the store sends by COPY reaches us unwrapped by Django
+# (a full disk came out as psycopg.errors.DiskFull and stopped the consumer).
+_ROW_ERRORS = (DataError, IntegrityError, psycopg.DataError, psycopg.IntegrityError)
+_DATABASE_ERRORS = (DatabaseError, psycopg.Error)
 # What the appliance derives itself: never taken from a client's message.
 _SERVER_FIELDS = ("project_id", "received_at", "cost_usd_micro", "price_version", "matched_patterns", "scan_status",
                   "prompt_hash", "is_sampled")
@@ -69,7 +73,7 @@ class SpanConsumer(BatchConsumer):
     name = "spans"
     topic = str(Topic.SPANS_RAW)
     dlq_topic = str(Topic.SPANS_DLQ)
-    transient_errors = (TransientError, DatabaseError)
+    transient_errors = (TransientError, *_DATABASE_ERRORS)
 
     def process(self, messages: list[Message]) -> list[Poison]:
         close_old_connections()  # honours CONN_MAX_AGE and drops a connection broken by the last batch
@@ -159,8 +163,8 @@ class SpanConsumer(BatchConsumer):
         return result.stored, result.duplicates
 
     def on_retry(self, exc: BaseException) -> None:
-        if isinstance(exc, DatabaseError):
+        if isinstance(exc, _DATABASE_ERRORS):
             try:
                 connection.close()
-            except DatabaseError:
+            except _DATABASE_ERRORS:
                 pass
