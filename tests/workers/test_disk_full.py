@@ -184,7 +184,7 @@ def test_kafka_mode_consumer_waits_for_space_and_dead_letters_nothing(small_disk
              check=alive)
     print("\ndisk-full figures (Kafka mode):", {
         "full_s": freed - full, "first_store_after_space_s": caught_up, "spans_accepted": len(client.tally.accepted),
-        "answers": dict(client.tally.status), "store_retries": consumer.output().count("not written")})
+        "answers": dict(client.tally.status), "retries_logged": consumer.output().count("not written")})
     assert broker.read_all(str(Topic.SPANS_DLQ), timeout=5) == []  # a full disk is waited out, never dead-lettered
     assert "sent to llm.spans.raw.dlq" not in consumer.output()
     _exactly_once(stack, client)

@@ -221,8 +221,10 @@ class BatchConsumer:
                                 self.name, exc)
                     return False
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.8, 1.2)
-                log.warning("consumer %s: batch of %d not written (%s: %s); retry %d in %.1f s",
-                            self.name, len(state["batch"]), type(exc).__name__, exc, attempt, delay)
+                # Retries come every 2 s through an outage: the first ones, then one a minute, are enough to read.
+                if attempt <= 3 or attempt % 30 == 0:
+                    log.warning("consumer %s: batch of %d not written (%s: %s); retry %d in %.1f s",
+                                self.name, len(state["batch"]), type(exc).__name__, exc, attempt, delay)
                 self._paused_wait(delay)
                 state["batch"] = [m for m in state["batch"] if (m.topic(), m.partition()) in self._assigned]
                 if not state["batch"]:
