@@ -253,7 +253,9 @@ def _copy_and_insert(rows: list[dict]) -> int:
         fresh = set(cur.fetchall())
         new_rows = [r for r in rows if (r["project_id"], r["span_id"]) in fresh]
         if new_rows:
-            with cur.copy(_COPY_SQL) as copy:
+            # COPY is psycopg's own API, which Django does not wrap: without this its errors (a full
+            # disk: psycopg DiskFull) miss the API's 503 handlers and the consumer's retry.
+            with connection.wrap_database_errors, cur.copy(_COPY_SQL) as copy:
                 for row in new_rows:
                     copy.write_row(copy_values(row))
             # The console's hourly sums count exactly what this transaction inserted.
