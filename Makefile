@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test bench check fuzz sdk-patterns vendor
+.PHONY: install run test test-faults bench check fuzz sdk-patterns vendor
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
@@ -32,6 +32,11 @@ run: install
 ## The default test suite (what CI runs).
 test: install
 	$(PY) -m pytest
+
+## Fault tests (CI runs them after `make test`): Kafka mode through a consumer SIGKILL, a broker and a
+## database restart under load; the database's disk filling up (needs root for a tmpfs mount).
+test-faults: install
+	$(PY) -m pytest -m faults
 
 ## Long fuzzing (not part of `make test`, which runs the same tests for seconds with a fixed seed):
 ## schemathesis over the whole OpenAPI with both key styles, FUZZ_SECONDS each, new seed each run.

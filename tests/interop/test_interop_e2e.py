@@ -352,7 +352,7 @@ checks.not_a_server_error.expected-statuses = ["2XX", "3XX", "4XX", "503"]
 
 
 # CI runs a bounded fuzz (seconds per auth style, fixed seed); `make fuzz` runs it for minutes with a new seed.
-FUZZ_SECONDS = int(os.environ.get("LLM_OBSERVE_FUZZ_SECONDS", "45"))
+FUZZ_SECONDS = int(os.environ.get("LLM_OBSERVE_FUZZ_SECONDS", "30"))
 FUZZ_SEED = os.environ.get("LLM_OBSERVE_FUZZ_SEED", "1")
 
 

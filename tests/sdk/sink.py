@@ -15,8 +15,10 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import sqlite3
 import threading
 import time
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -143,3 +145,16 @@ class IngestSink:
                 return True
             time.sleep(0.02)
         return len(self.spans) >= count
+
+
+def wal_rows(path) -> int:
+    """Rows in an SDK WAL file; 0 while the file or its table is still being created by the sender."""
+    if not Path(path).exists():
+        return 0
+    with sqlite3.connect(path) as conn:
+        try:
+            return conn.execute("SELECT count(*) FROM spans").fetchone()[0]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise

@@ -7,7 +7,6 @@ project and key the test committed.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from django.db import connection
 import instrumentation_sdk as sdk
 from instrumentation_sdk import _config, _kafka
 from tests.kafka_broker import ConsumerProcess, kafka_broker, wait_for  # noqa: F401 - fixture
+from tests.sdk.sink import wal_rows
 from ingest.queues import Topic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,13 +37,6 @@ def _no_kafka_env(monkeypatch):
     for name in KAFKA_ENV:
         monkeypatch.delenv(name, raising=False)
     _config.reset_config()
-
-
-def wal_rows(path) -> int:
-    if not Path(path).exists():
-        return 0
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT count(*) FROM spans").fetchone()[0]
 
 
 def _stored(project) -> tuple[int, int]:

@@ -19,15 +19,9 @@ import pytest
 
 import instrumentation_sdk as sdk
 from instrumentation_sdk._wal import WriteAheadLog
+from tests.sdk.sink import wal_rows
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wal_rows(path) -> int:
-    if not Path(path).exists():
-        return 0
-    with sqlite3.connect(path) as conn:
-        return conn.execute("SELECT count(*) FROM spans").fetchone()[0]
 
 
 def test_report_is_delivered_with_gzip_key_and_schema(sink, delivered):

@@ -179,7 +179,7 @@ def test_spill_off_and_where_it_lives(monkeypatch, sink):
 
 def test_cli_shows_and_recovers_the_spill_files_of_ended_processes(sink, tmp_path, capsys):
     from instrumentation_sdk import cli
-    from tests.sdk.test_reporter import wal_rows
+    from tests.sdk.sink import wal_rows
 
     out = run_script("""
         import os, signal

@@ -25,7 +25,8 @@ from tests.kafka_broker import SESSION_TIMEOUT_MS, ConsumerProcess, TansuBroker,
 from tests.workers.processes import SpanClient, Stack, Web, kill_group, new_data_dir
 from workers.consumers.base import MAX_BACKOFF_SECONDS
 
-pytestmark = pytest.mark.e2e
+# Minutes of real outages: `make test-faults` (CI runs it after `make test`), not the default run.
+pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 GROUP = "llm-observe-spans"
 PARTITIONS = 3
 DELIVERY_TIMEOUT_MS = 5000
