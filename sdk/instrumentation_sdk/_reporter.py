@@ -69,6 +69,7 @@ from typing import Any, Iterable
 
 from instrumentation_sdk import _kafka, _spill
 from instrumentation_sdk._config import Config, get_config
+from instrumentation_sdk._kinds import as_kind
 from instrumentation_sdk._transport import HttpTransport, TransportError
 from instrumentation_sdk._wal import WalRow, WriteAheadLog
 from instrumentation_sdk.sampling import should_sample
@@ -114,7 +115,7 @@ FINISH_ALIASES = {
 }
 _TEXT_LIMITS = {"model": 200, "provider": 64, "service_name": 200, "endpoint": 500, "environment": 64,
                 "user_id": 200, "session_id": 200, "error_type": 200, "error_message": 10_000,
-                "span_id": 128, "trace_id": 128, "parent_span_id": 128}
+                "span_id": 128, "trace_id": 128, "parent_span_id": 128, "name": 500}
 _INT_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "retry_count")
 _FLOAT_FIELDS = ("latency_ms_ttft", "latency_ms_total")
 
@@ -1057,9 +1058,25 @@ class SpanReporter:
         meta = span.get("metadata")
         if meta is not None and not isinstance(meta, dict):
             span["metadata"] = {"value": meta}
+        SpanReporter._normalise_kind(span)
         models = span.get("attempted_models")
         if models is not None and not isinstance(models, list):
             span["attempted_models"] = [str(models)]
+
+    @staticmethod
+    def _normalise_kind(span: dict) -> None:
+        """A kind in any case becomes the canonical one; one the appliance would reject, or a 1.8.1
+        span_type naming none, is kept as metadata instead of costing the span."""
+        given = {key: span.pop(key) for key in ("kind", "span_type") if key in span}
+        chosen = None
+        for key, value in given.items():  # kind first: it wins over span_type
+            if chosen is None and as_kind(value) is not None:
+                chosen = key
+                span["kind"] = as_kind(value)
+        for key, value in given.items():
+            if key != chosen and value is not None:
+                meta = span.get("metadata")
+                span["metadata"] = {**(meta if isinstance(meta, dict) else {}), key: value}
 
     @staticmethod
     def _scan_content(span: dict, scanned: bool, cfg: Config) -> None:

@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from typing import Any, AsyncIterable, Callable, Iterable
 
 from instrumentation_sdk._config import get_config
+from instrumentation_sdk._kinds import as_kind, kind_or_raise, span_name
 from instrumentation_sdk._reporter import emit, new_span_id
 from instrumentation_sdk._tokens import TokenAccumulator, count_tokens
 from instrumentation_sdk.scanning import prompt_text, scan_prompt
@@ -32,7 +33,19 @@ SPAN_FIELDS = frozenset((
     "latency_ms_ttft", "latency_ms_total", "finish_reason", "cost_usd_micro", "price_version",
     "token_count_method", "is_sampled", "retry_count", "attempted_models", "pii_detected", "injection_attempt",
     "timestamp_utc", "status", "prompt", "text", "response", "error_type", "error_message", "schema_version",
+    "name", "kind",
 ))
+
+
+def _kind_from(kind: Any, metadata: dict) -> str | None:
+    """`kind=` (checked now: a typo raises at the call), else 1.8.1's `span_type=` metadata when it names
+    a kind (it then moves out of the metadata; any other span_type stays metadata, as in 1.8.1)."""
+    if kind is not None:
+        return kind_or_raise(kind)
+    mapped = as_kind(metadata.get("span_type"))
+    if mapped is not None:
+        del metadata["span_type"]
+    return mapped
 
 
 def current_span_ids() -> tuple[str, str] | None:
@@ -64,17 +77,30 @@ def _error_fields(data: dict, exc: BaseException) -> None:
 
 
 def llm_observe(service: str | Callable | None = None, endpoint: str | None = None, *, model: str | None = None,
-                provider: str | None = None, **metadata: Any):
+                provider: str | None = None, kind: str | None = None, name: str | None = None, **metadata: Any):
     """Decorator for sync/async functions and generators: one span per call.
 
     @llm_observe(service="payment-bot", endpoint="gpt-4o")   # or bare @llm_observe
+    @llm_observe(service="search-agent", kind="tool", name="web_search")
+
+    The span's name is `name`, else the function's qualified name; its kind is `kind` (one of
+    SPAN_KINDS, any case; a bad one raises ValueError here), else a 1.8.1 `span_type=` that names one,
+    else left to the appliance.
     """
-    if callable(service) and endpoint is None and not metadata:
+    if callable(service) and endpoint is None and not metadata and kind is None and name is None:
         return llm_observe()(service)
+    metadata = dict(metadata)
+    span_kind = _kind_from(kind, metadata)
+    given_name = None if name is None else span_name(name)
 
     def decorate(fn: Callable) -> Callable:
-        ep = endpoint or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "call")
-        base: dict[str, Any] = {"endpoint": ep}
+        qualname = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "call")
+        ep = endpoint or qualname
+        # a nested function's qualified name without its "outer.<locals>." part
+        base: dict[str, Any] = {"endpoint": ep,
+                                "name": given_name or span_name(str(qualname).rsplit(".<locals>.", 1)[-1])}
+        if span_kind is not None:
+            base["kind"] = span_kind
         if service:
             base["service_name"] = service
         if model:
@@ -185,7 +211,7 @@ def llm_observe(service: str | Callable | None = None, endpoint: str | None = No
 class LLMSpan:
     """The object `llm_span(...)` yields. Sync and async context manager."""
 
-    __slots__ = ("data", "_t0", "_token", "_reported", "_scanned", "_activate")
+    __slots__ = ("data", "_t0", "_token", "_reported", "_scanned", "_activate", "_kind_given")
 
     def __init__(self, model: str | None = None, user_id: str | None = None, *, activate: bool = True,
                  **fields: Any) -> None:
@@ -200,6 +226,11 @@ class LLMSpan:
         self._reported = False
         self._scanned = False
         self._activate = activate
+        self._kind_given = False
+        # kind= before span_type=, whatever the order they came in: an explicit kind wins
+        for key in ("kind", "name"):
+            if key in fields:
+                self.set_metadata(key, fields.pop(key))
         for key, value in fields.items():
             self.set_metadata(key, value)
 
@@ -238,9 +269,25 @@ class LLMSpan:
     def set_metadata(self, key: str, value: Any) -> "LLMSpan":
         """Set a span field (model, prompt_tokens, response, ...) or a free metadata key.
 
-        Setting "prompt" (or "text") scans it again for PII and injection.
+        Setting "prompt" (or "text") scans it again for PII and injection. "kind" must name one of
+        SPAN_KINDS (any case; ValueError otherwise); 1.8.1's "span_type" becomes the kind when it
+        names one and no kind was given, else it stays metadata.
         """
-        if key in ("prompt", "text"):
+        if key == "kind":
+            if value is None:
+                self.data.pop("kind", None)
+                self._kind_given = False
+            else:
+                self.data["kind"] = kind_or_raise(value)
+                self._kind_given = True
+        elif key == "name":
+            if value is None:
+                self.data.pop("name", None)
+            else:
+                self.data["name"] = span_name(value)
+        elif key == "span_type" and not self._kind_given and as_kind(value) is not None:
+            self.data["kind"] = as_kind(value)
+        elif key in ("prompt", "text"):
             text = value if isinstance(value, str) or value is None else prompt_text(value)
             self.data["prompt"] = text
             pii, injection = scan_prompt(text) if text else (False, False)

@@ -98,12 +98,16 @@ class AutoSpan(StreamingSpan):
     __slots__ = ("prompt_obj",)
 
     def __init__(self, *, provider: str | None, model: str | None, operation: str, prompt: Any = None,
-                 system: Any = None, stream: bool = False, prompt_obj: Any = None) -> None:
+                 system: Any = None, stream: bool = False, prompt_obj: Any = None,
+                 gen_ai_operation: str = "chat") -> None:
         StreamingSpan.__init__(self, model, activate=False)
         data = self.data
         if provider:
             data["provider"] = provider
         data["endpoint"] = operation
+        # OpenTelemetry GenAI's span name: "{gen_ai.operation.name} {gen_ai.request.model}"
+        data["kind"] = "EMBEDDING" if gen_ai_operation == "embeddings" else "LLM"
+        data["name"] = (f"{gen_ai_operation} {model}" if isinstance(model, str) and model else gen_ai_operation)[:500]
         capture = get_config().capture_content
         if capture:
             text = render_prompt(prompt, system)
@@ -131,6 +135,9 @@ class AutoSpan(StreamingSpan):
         if isinstance(model, str) and model and model != self.data.get("model"):
             if not self.data.get("model"):
                 self.data["model"] = model
+                name = self.data.get("name")
+                if isinstance(name, str) and " " not in name:  # "chat" alone: now we know the model
+                    self.data["name"] = f"{name} {model}"[:500]
             else:
                 self.metadata["actual_model"] = model
 

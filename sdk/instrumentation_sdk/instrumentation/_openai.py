@@ -1,4 +1,5 @@
-"""openai: chat.completions (create, parse, stream helper) and responses (create, parse, stream helper)."""
+"""openai: chat.completions (create, parse, stream helper), responses (create, parse, stream helper) and
+embeddings (create)."""
 
 from __future__ import annotations
 
@@ -233,6 +234,40 @@ def _count_input(prompt: Any, instructions: Any) -> Any:
     return messages or None
 
 
+class Embeddings(_OpenAIAdapter):
+    """embeddings.create: an EMBEDDING span priced on its input tokens (an embedding has no output)."""
+
+    operation = "openai.embeddings"
+
+    def begin(self, instance: Any, args: tuple, kwargs: dict) -> AutoSpan:
+        text = _embedding_text(kwargs.get("input"))
+        span = AutoSpan(provider=_provider(instance), model=kwargs.get("model"), operation=self.operation,
+                        prompt=text, prompt_obj=text, gen_ai_operation="embeddings")
+        _user(span, kwargs)
+        return span
+
+    def is_stream(self, args: tuple, kwargs: dict, result: Any) -> bool:
+        return False
+
+    def finish(self, span: AutoSpan, result: Any, kwargs: dict) -> None:
+        result = _unwrap_raw(result, kwargs)
+        if result is None:
+            return
+        span.set_actual_model(get(result, "model"))
+        prompt = get(get(result, "usage"), "prompt_tokens")
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            span.set_usage_fields(prompt, 0)
+
+
+def _embedding_text(value: Any) -> str | None:
+    """The text of an embeddings input: a string, or strings one a line; token-id inputs have none."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    return None
+
+
 def instrument(patches: Patches) -> bool:
     try:
         from openai.resources.chat.completions import completions as chat_mod
@@ -243,6 +278,14 @@ def instrument(patches: Patches) -> bool:
     for name in ("create", "parse"):
         done |= patches.patch(chat_mod.Completions, name, lambda f: wrap_sync(f, chat))
         done |= patches.patch(chat_mod.AsyncCompletions, name, lambda f: wrap_async(f, chat))
+    try:
+        from openai.resources import embeddings as emb_mod
+    except ImportError:
+        pass
+    else:
+        embeddings = Embeddings()
+        done |= patches.patch(emb_mod.Embeddings, "create", lambda f: wrap_sync(f, embeddings))
+        done |= patches.patch(emb_mod.AsyncEmbeddings, "create", lambda f: wrap_async(f, embeddings))
     try:
         from openai.resources.responses import responses as resp_mod
     except ImportError:
@@ -266,6 +309,9 @@ def instrument_instance(client: Any, patches: Patches) -> bool:
     responses = getattr(client, "responses", None)
     if responses is not None:
         targets.append((responses, Responses()))
+    embeddings = getattr(client, "embeddings", None)
+    if embeddings is not None:
+        targets.append((embeddings, Embeddings()))
     for resource, adapter in targets:
         for name in ("create", "parse"):
             func = getattr(type(resource), name, None)
