@@ -38,10 +38,28 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _STATUS_ERROR = 2
 _KINDS = {0: None, 1: "internal", 2: "server", 3: "client", 4: "producer", 5: "consumer"}
 
-# gen_ai.operation.name values that are one model call.
-LLM_OPERATIONS = frozenset({"chat", "generate_content", "text_completion", "completion", "embeddings", "embedding"})
-# openinference.span.kind values that are one model call.
-OI_LLM_KINDS = frozenset({"LLM", "EMBEDDING"})
+# Span kinds (the lead's ingest/kinds.py holds the server's copy): model calls are the priced ones.
+SPAN_KINDS = ("LLM", "CHAIN", "TOOL", "AGENT", "RETRIEVER", "EMBEDDING", "RERANKER", "GUARDRAIL", "EVALUATOR",
+              "UNKNOWN")
+MODEL_CALL_KINDS = frozenset({"LLM", "EMBEDDING", "RERANKER"})
+# openinference.span.kind: ours plus PROMPT (a template rendering step, part of a chain).
+_OI_KINDS = {**{k: k for k in SPAN_KINDS}, "PROMPT": "CHAIN"}
+# gen_ai.operation.name (the GenAI conventions, plus the values openlit and OpenLLMetry send).
+_GENAI_OPERATION_KINDS = {
+    "chat": "LLM", "generate_content": "LLM", "text_completion": "LLM", "completion": "LLM",
+    "model_request": "LLM",
+    "embeddings": "EMBEDDING", "embedding": "EMBEDDING",
+    "execute_tool": "TOOL",
+    "invoke_agent": "AGENT", "create_agent": "AGENT", "agent": "AGENT",
+    "invoke_workflow": "CHAIN", "execute_task": "CHAIN", "task": "CHAIN", "workflow": "CHAIN",
+    "retrieval": "RETRIEVER", "retrieve": "RETRIEVER",
+    "rerank": "RERANKER",
+}
+# OpenLLMetry: traceloop.span.kind on decorated functions, llm.request.type on its model call spans.
+_TRACELOOP_KINDS = {"workflow": "CHAIN", "task": "CHAIN", "agent": "AGENT", "tool": "TOOL"}
+_LLM_REQUEST_TYPES = {"chat": "LLM", "completion": "LLM", "embedding": "EMBEDDING", "rerank": "RERANKER"}
+# metadata["otel.span_type"], the label the OTLP metrics count by (ingest/metrics.py _BOUNDED_SPAN_TYPES).
+_SPAN_TYPES = {"LLM": "llm", "UNKNOWN": "other"}
 
 # Provider names of the GenAI conventions that the price table knows under another spelling.
 _PROVIDERS = {
@@ -62,15 +80,39 @@ _CACHE_WRITE = ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_
                 "llm.token_count.prompt_details.cache_write")
 _REASONING = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
               "llm.token_count.completion_details.reasoning")
-_MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "llm.response.model",
-               "llm.request.model")
+_MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "llm.response.model_name",
+               "llm.request.model_name", "llm.response.model", "llm.request.model", "embedding.model_name",
+               "reranker.model_name")
+# OpenInference's JSON request parameters: the model's last resort, and whether the call streamed.
+_INVOCATION_KEYS = ("llm.invocation_parameters", "embedding.invocation_parameters")
+_RESPONSE_ID_KEYS = ("gen_ai.response.id", "llm.response.id", "anthropic.message.id", "openai.response.id")
+_FINISH_REASON_KEYS = ("gen_ai.response.finish_reasons", "gen_ai.response.finish_reason", "llm.finish_reason",
+                       "llm.response.finish_reason", "gen_ai.response.stop_reason", "llm.response.stop_reason",
+                       "anthropic.message.stop_reason")
+# Whether the call streamed: OTel GenAI / openlit, OpenLLMetry (new and old name).
+_STREAM_KEYS = ("gen_ai.request.stream", "gen_ai.request.is_stream", "gen_ai.is_streaming", "llm.is_streaming")
+_TOOL_NAME_KEYS = ("gen_ai.tool.name", "tool.name", "tool_call.function.name")
+# The instrumentation's scope names the provider when a span does not (its last dotted part).
+_SCOPE_PROVIDERS = {"openai": "openai", "openai_v2": "openai", "anthropic": "anthropic", "mistralai": "mistral",
+                    "groq": "groq", "cohere": "cohere", "bedrock": "aws.bedrock"}
 _PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
 _USER_KEYS = ("user.id", "enduser.id", "gen_ai.user.id")
 _SESSION_KEYS = ("session.id", "gen_ai.conversation.id", "conversation.id")
+# In seconds. openlit's gen_ai.server.time_to_first_token is also set on calls that did not stream.
 _TTFT_SECONDS = ("gen_ai.response.time_to_first_chunk", "gen_ai.response.time_to_first_token",
                  "gen_ai.server.time_to_first_token")
-_FIRST_CHUNK_EVENTS = frozenset({"gen_ai.first_chunk", "gen_ai.response.first_chunk", "first_token",
-                                 "gen_ai.first_token", "llm.first_token", "first_chunk"})
+# Events at the first chunk: OpenInference's openai instrumentation ("First Token Stream Event"); OpenLLMetry
+# adds one chunk event per chunk (the earliest counts); the rest are spellings seen in hand-made spans.
+_FIRST_CHUNK_EVENTS = frozenset({"First Token Stream Event", "gen_ai.content.completion.chunk",
+                                 "llm.content.completion.chunk", "gen_ai.first_chunk", "gen_ai.response.first_chunk",
+                                 "first_token", "gen_ai.first_token", "llm.first_token", "first_chunk"})
+# A TTFT reported for a call known not to have streamed (openlit sets its attribute on every call): not a
+# time to first token, so never latency_ms_ttft; kept here, in milliseconds.
+TTFT_UNSTREAMED_KEY = "llm_observe.ttft_unstreamed_ms"
+# error.type as the library sent it, when error_type keeps only the class name ("openai.BadRequestError").
+ERROR_TYPE_QUALIFIED_KEY = "error.type.qualified"
+_RETRIEVED_DOCUMENTS_LIMIT = 20
+_RETRIEVED_DOCUMENT_CHARS = 2000
 
 # Attributes that hold prompt/response text or vectors: read, then never copied into metadata.
 _CONTENT_KEYS = frozenset({
@@ -78,12 +120,15 @@ _CONTENT_KEYS = frozenset({
     "gen_ai.completion", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result", "gen_ai.retrieval.query.text",
     "gen_ai.retrieval.documents", "input.value", "output.value", "llm.prompts", "llm.prompt", "llm.response",
     "llm.text", "input.mime_type", "output.mime_type", "tool.parameters", "llm.prompt_template.variables",
+    "traceloop.entity.input", "traceloop.entity.output", "tool_call.function.arguments", "reranker.query",
+    "llm.function_call", "gen_ai.tool.input", "gen_ai.tool.output", "gen_ai.tool.args", "input.documents",
+    "output.documents", "traceloop.prompt.template_variables", "gen_ai.content.prompt", "gen_ai.content.completion",
 })
 _CONTENT_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.",
                      "retrieval.documents.", "reranker.input_documents.", "reranker.output_documents.",
-                     "embedding.embeddings.", "llm.prompts.")
+                     "embedding.embeddings.", "llm.prompts.", "llm.choices.")
 # OpenInference puts these as JSON strings; kept as objects they can be filtered on.
-_JSON_OBJECT_KEYS = frozenset({"metadata", "llm.invocation_parameters"})
+_JSON_OBJECT_KEYS = frozenset({"metadata", *_INVOCATION_KEYS})
 _FLAT_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.")
 _FLAT_MESSAGE = re.compile(r"^(llm\.(input|output)_messages|gen_ai\.(prompt|completion))\.(\d+)\.(.+)$")
 
@@ -93,13 +138,16 @@ _OWN_FIELDS = {
     if name not in ("schema_version", "metadata", "text", "span_id", "trace_id", "parent_span_id", "timestamp_utc")
 }
 _LLM_ONLY_FIELDS = frozenset({"model", "provider", "prompt_tokens", "completion_tokens", "cached_tokens",
-                              "reasoning_tokens", "latency_ms_ttft", "finish_reason", "token_count_method"})
+                              "reasoning_tokens", "latency_ms_ttft", "finish_reason", "token_count_method",
+                              "response_id"})
 _OWN_FIELDS_ANY_SPAN = {k: v for k, v in _OWN_FIELDS.items() if k not in _LLM_ONLY_FIELDS}
 _INT_FIELDS = frozenset({"prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "retry_count"})
 _FLOAT_FIELDS = frozenset({"latency_ms_ttft", "latency_ms_total"})
 _BOOL_FIELDS = frozenset({"is_sampled", "pii_detected", "injection_attempt"})
-_MAX_LEN = {name: getattr(meta, "max_length", None) for name, f in SpanIn.model_fields.items()
-            for meta in f.metadata if getattr(meta, "max_length", None)}
+# name and response_id: the limits of the fields the lead adds to SpanIn, until they are there.
+_MAX_LEN = {"name": 500, "response_id": 200, **{
+    name: getattr(meta, "max_length", None) for name, f in SpanIn.model_fields.items()
+    for meta in f.metadata if getattr(meta, "max_length", None)}}
 
 _META_STRING_LIMIT = 2000
 _META_LIST_LIMIT = 50
@@ -126,6 +174,9 @@ class Mapped:
 
 # --- decoding -------------------------------------------------------------------
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
+_CLASS_REPR = re.compile(r"^<class '([^']+)'>$")
+# module.Class, also of a class defined in a function (its qualname has a `<locals>` part).
+_DOTTED_NAME = re.compile(r"^[A-Za-z_][\w<>]*(\.[\w<>]+)*\.[A-Za-z_]\w*$")
 _ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
 
 
@@ -368,9 +419,11 @@ def _render(messages: list, system: Any = None) -> str | None:
         text = "\n".join(t for t in (_part_text(p) for p in parts) if t)
         if text:
             rendered.append(("system", text))
+    system_text = rendered[0][1].strip() if rendered else None
     for message in messages:
         role, text = _message_text(message)
-        if text:
+        # openlit sends the system prompt twice: in gen_ai.system_instructions and as the first message.
+        if text and not (role in ("system", "developer") and text.strip() == system_text):
             rendered.append((role, text))
     if not rendered:
         return None
@@ -474,22 +527,135 @@ def _ns_to_datetime(ns: int) -> datetime | None:
         return None
 
 
-def _is_llm(attrs: dict) -> tuple[bool, str]:
-    operation = attrs.get("gen_ai.operation.name")
-    oi_kind = attrs.get("openinference.span.kind")
-    oi_kind = oi_kind.upper() if isinstance(oi_kind, str) else None
-    if isinstance(operation, str) and operation:
-        is_llm = operation in LLM_OPERATIONS
-        return is_llm, ("embedding" if operation.startswith("embedding") else "llm") if is_llm else operation
-    if oi_kind:
-        return oi_kind in OI_LLM_KINDS, oi_kind.lower()
-    model = _first(attrs, _MODEL_KEYS) or attrs.get("llm.model")
-    return model is not None, "llm" if model is not None else "other"
+def _invocation(attrs: dict) -> dict:
+    """OpenInference's request parameters (a JSON string) as a dict, {} when absent or not an object."""
+    for key in _INVOCATION_KEYS:
+        value = _json_or_value(attrs.get(key))
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
+def _has_model(attrs: dict, invocation: dict) -> bool:
+    return _first(attrs, _MODEL_KEYS) is not None or attrs.get("llm.model") is not None \
+        or isinstance(invocation.get("model"), str)
+
+
+def _span_kind(attrs: dict, invocation: dict) -> str:
+    """The span's kind, from the first convention that names one (OpenInference, GenAI, OpenLLMetry)."""
+    own = attrs.get("llm.kind")  # our SDK's OTel form
+    if isinstance(own, str) and own.strip().upper() in SPAN_KINDS:
+        return own.strip().upper()
+    sources = (("openinference.span.kind", _OI_KINDS, str.upper),
+               ("gen_ai.operation.name", _GENAI_OPERATION_KINDS, str.lower),
+               ("traceloop.span.kind", _TRACELOOP_KINDS, str.lower),
+               ("llm.request.type", _LLM_REQUEST_TYPES, str.lower))
+    for key, table, fold in sources:
+        value = attrs.get(key)
+        if isinstance(value, str) and fold(value.strip()) in table:
+            return table[fold(value.strip())]
+    return "LLM" if _has_model(attrs, invocation) else "UNKNOWN"
+
+
+def _streamed(attrs: dict, invocation: dict, first_chunk_ms: float | None) -> bool | None:
+    """True or False when the span says whether the call streamed, None when it does not say."""
+    if first_chunk_ms is not None:
+        return True
+    for key in _STREAM_KEYS:
+        flag = _bool(attrs.get(key))
+        if flag is not None:
+            return flag
+    return _bool(invocation.get("stream"))
+
+
+def _error_type(raw: Any) -> tuple[str, str | None]:
+    """(class name, the original when it was longer): "<class 'openai.BadRequestError'>" -> BadRequestError."""
+    text = str(raw).strip()
+    match = _CLASS_REPR.match(text)
+    name = match.group(1) if match else text
+    if _DOTTED_NAME.match(name):
+        name = name.rsplit(".", 1)[1]
+    return name, (text if name != text else None)
+
+
+def _unwrap_entity(value: Any) -> Any:
+    """The payload of OpenLLMetry's traceloop.entity.input/output: its decorators wrap a call as
+    {"args": [...], "kwargs": {...}}, its LangChain callbacks as {"inputs": ...} / {"outputs": ...}."""
+    if isinstance(value, str):
+        try:
+            value = orjson.loads(value)  # any JSON value: a function returning a string gives '"text"'
+        except orjson.JSONDecodeError:
+            return value
+    if not isinstance(value, dict):
+        return value
+    for key in ("inputs", "outputs"):
+        if key in value:
+            return value[key]
+    if set(value) <= {"args", "kwargs"}:
+        args, kwargs = value.get("args") or [], value.get("kwargs") or {}
+        if isinstance(args, list) and len(args) == 1 and not kwargs:
+            return args[0]
+        if not args and kwargs:
+            return kwargs
+    return value
+
+
+def _content_text(value: Any) -> str | None:
+    """Text of a content attribute: strings as they are, messages rendered, anything else as JSON."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("messages"), list):
+        return _render(value["messages"])
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return _render(value)
+    return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _documents_text(attrs: dict, prefix: str) -> str | None:
+    """Retrieved (or reranked) documents' content, `<prefix>.N.document.content`, bounded."""
+    found: dict[int, str] = {}
+    for key, value in attrs.items():
+        if key.startswith(prefix) and key.endswith(".document.content") and isinstance(value, str):
+            index = key[len(prefix):].split(".", 1)[0]
+            if index.isdigit():
+                found[int(index)] = value
+    if not found and prefix == "retrieval.documents.":
+        docs = _json_or_value(attrs.get("gen_ai.retrieval.documents"))
+        for i, doc in enumerate(docs if isinstance(docs, list) else ()):
+            text = doc.get("content") if isinstance(doc, dict) else doc
+            if isinstance(text, str):
+                found[i] = text
+    texts = [found[i][:_RETRIEVED_DOCUMENT_CHARS] for i in sorted(found)[:_RETRIEVED_DOCUMENTS_LIMIT]]
+    return "\n\n".join(texts) if texts else None
+
+
+def _embedding_texts(attrs: dict) -> str | None:
+    texts = [v for k, v in sorted(attrs.items()) if k.startswith("embedding.embeddings.")
+             and k.endswith(".embedding.text") and isinstance(v, str)]
+    return "\n".join(texts) if texts else None
+
+
+def _response_id(attrs: dict) -> str | None:
+    found = _first(attrs, _RESPONSE_ID_KEYS)
+    for key in _RESPONSE_ID_KEYS:
+        attrs.pop(key, None)
+    if found is not None:
+        return str(found)
+    # OpenInference sends no id attribute; its output.value is the provider's JSON answer, which has one.
+    body = _json_or_value(attrs.get("output.value")) if attrs.get("output.mime_type") == "application/json" else None
+    if isinstance(body, dict) and isinstance(body.get("id"), str) and ("object" in body or "type" in body):
+        return body["id"]
+    return None
 
 
 def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
     attrs = _attributes(span.attributes)
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
+    invocation = _invocation(attrs)
+    kind = _span_kind(attrs, invocation)
+    is_model_call = kind in MODEL_CALL_KINDS
     out: dict[str, Any] = {
         "span_id": span.span_id.hex(),
         "trace_id": span.trace_id.hex(),
@@ -497,16 +663,17 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
         "timestamp_utc": _ns_to_datetime(start),
         "service_name": resource.service_name,
         "environment": resource.environment,
+        "name": _clip("name", span.name) or None,
+        "kind": kind,
+        # The span name, as before `name` existed: consoles and queries still read it.
         "endpoint": _clip("endpoint", span.name) or None,
     }
     if start and end >= start:
         out["latency_ms_total"] = (end - start) / 1e6
-    meta: dict[str, Any] = {}
-    is_llm, span_type = _is_llm(attrs)
-    meta["otel.span_type"] = span_type
-    kind = _KINDS.get(span.kind)
-    if kind:
-        meta["otel.kind"] = kind
+    meta: dict[str, Any] = {"otel.span_type": _SPAN_TYPES.get(kind, kind.lower())}
+    otel_kind = _KINDS.get(span.kind)
+    if otel_kind:
+        meta["otel.kind"] = otel_kind
     if scope_name:
         meta["otel.scope"] = scope_name
 
@@ -519,32 +686,58 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
         out["session_id"] = _clip("session_id", str(session))
 
     flat = _flat_messages(attrs)
-    if is_llm:
-        _map_llm(attrs, out, meta, flat)
-    # Text of any span: the messages of an LLM call, the input and output of a chain, agent or tool.
-    prompt = _text_of(attrs, "input", flat)
-    response = _text_of(attrs, "output", flat)
-    if prompt is not None:
-        out["prompt"] = prompt[:_TEXT_LIMIT]
-    if response is not None:
-        out["response"] = response[:_TEXT_LIMIT]
+    first_chunk_ms = _span_events(span, start, out, meta)
+    if is_model_call:
+        _map_llm(attrs, out, meta, flat, invocation, scope_name)
+        _map_ttft(attrs, out, meta, _streamed(attrs, invocation, first_chunk_ms), first_chunk_ms)
+    _map_text(attrs, out, flat, kind)
+    if kind == "TOOL":
+        tool = _first(attrs, _TOOL_NAME_KEYS) or (attrs.get("traceloop.entity.name")
+                                                   if attrs.get("traceloop.span.kind") == "tool" else None)
+        if tool is not None:
+            meta["tool.name"] = _bounded(str(tool))
+    _map_error(span, attrs, out, meta, is_model_call)
 
-    # Errors: the OTel status, error.type, and the exception event.
-    status = span.status
-    error_message = (status.message or None) if status.code == _STATUS_ERROR else None
-    error_type = attrs.get("error.type")
+    # Our own OTel form wins: it is exactly our field. Model call fields only on model calls.
+    own = _OWN_FIELDS if is_model_call else _OWN_FIELDS_ANY_SPAN
+    for key in [k for k in attrs if k.startswith("llm.") and k[4:] in own and k != "llm.kind"]:
+        _own_field(out, key[4:], attrs.pop(key), meta)
+
+    if span.links:
+        meta["otel.links"] = [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
+                              for link in list(span.links)[:_EVENTS_LIMIT]]
+    if span.status.code == 1:
+        meta["otel.status"] = "ok"
+    for key in ("openinference.span.kind", "error.type", "llm.kind"):
+        attrs.pop(key, None)
+    for key, value in attrs.items():
+        if key in _CONTENT_KEYS or key.startswith(_CONTENT_PREFIXES) or len(meta) >= _META_KEYS_LIMIT:
+            continue
+        if key in _JSON_OBJECT_KEYS:
+            value = _json_or_value(value)
+        meta[key] = _bounded(value)
+    if resource.metadata:
+        meta["otel.resource"] = resource.metadata
+    out["metadata"] = meta
+    return out
+
+
+def _span_events(span, start: int, out: dict, meta: dict) -> float | None:
+    """Exception, first-chunk and content events onto the span; the rest kept in metadata.
+    Returns the first chunk's offset in ms (None: no first-chunk event)."""
+    first_chunk_ms = None
     events = []
     for event in span.events:
         event_attrs = _attributes(event.attributes)
+        offset = (event.time_unix_nano - start) / 1e6 if start and event.time_unix_nano >= start else None
         if event.name == "exception":
-            error_type = error_type or event_attrs.get("exception.type")
-            text = event_attrs.get("exception.message")
-            trace = event_attrs.get("exception.stacktrace")
-            if text or trace:
-                error_message = "\n".join(str(t) for t in (error_message or text, trace) if t)
+            # Handed to _map_error, which pops it: the first exception's type, the last one's text.
+            previous = out.get("_exception")
+            out["_exception"] = (previous[0] if previous and previous[0] else event_attrs.get("exception.type"),
+                                 event_attrs.get("exception.message"), event_attrs.get("exception.stacktrace"))
         elif event.name in _FIRST_CHUNK_EVENTS:
-            if "latency_ms_ttft" not in out and start and event.time_unix_nano >= start:
-                out["latency_ms_ttft"] = (event.time_unix_nano - start) / 1e6
+            if offset is not None and (first_chunk_ms is None or offset < first_chunk_ms):
+                first_chunk_ms = offset
         elif event.name in ("gen_ai.content.prompt", "gen_ai.user.message", "gen_ai.system.message"):
             if "prompt" not in out:
                 text = _render(_as_messages(event_attrs.get("gen_ai.prompt", event_attrs.get("content"))) or [])
@@ -557,43 +750,58 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
                 if text:
                     out["response"] = text[:_TEXT_LIMIT]
         elif len(events) < _EVENTS_LIMIT:
-            offset = (event.time_unix_nano - start) / 1e6 if start and event.time_unix_nano >= start else None
             events.append({"name": event.name, "offset_ms": offset,
                            **({"attributes": _bounded({k: v for k, v in event_attrs.items()
                                                        if k not in _CONTENT_KEYS})} if event_attrs else {})})
+    if events:
+        meta["otel.events"] = events
+    return first_chunk_ms
+
+
+def _map_error(span, attrs: dict, out: dict, meta: dict, is_model_call: bool) -> None:
+    """The OTel status, error.type and the exception event."""
+    status = span.status
+    event_type, text, trace = out.pop("_exception", None) or (None, None, None)
+    error_message = (status.message or None) if status.code == _STATUS_ERROR else None
+    if text or trace:
+        # The status message says it shortest; the exception event adds the stack trace.
+        error_message = "\n".join(str(t) for t in (error_message or text, trace) if t)
     if status.code == _STATUS_ERROR:
         out["status"] = "error"
-        if is_llm and out.get("finish_reason") is None:
+        if is_model_call and out.get("finish_reason") is None:
             out["finish_reason"] = "error"
-    if error_type is not None:
-        out["error_type"] = _clip("error_type", str(error_type))
+    raw_type = attrs.get("error.type") or event_type
+    if raw_type is not None:
+        name, qualified = _error_type(raw_type)
+        out["error_type"] = _clip("error_type", name)
+        if qualified is not None:
+            meta[ERROR_TYPE_QUALIFIED_KEY] = _bounded(qualified)
     if error_message:
         out["error_message"] = _clip("error_message", str(error_message))
 
-    # Our own OTel form wins: it is exactly our field. Model call fields only on model calls.
-    own = _OWN_FIELDS if is_llm else _OWN_FIELDS_ANY_SPAN
-    for key in [k for k in attrs if k.startswith("llm.") and k[4:] in own]:
-        _own_field(out, key[4:], attrs.pop(key), meta)
 
-    if events:
-        meta["otel.events"] = events
-    if span.links:
-        meta["otel.links"] = [{"trace_id": link.trace_id.hex(), "span_id": link.span_id.hex()}
-                              for link in list(span.links)[:_EVENTS_LIMIT]]
-    if status.code == 1:
-        meta["otel.status"] = "ok"
-    attrs.pop("openinference.span.kind", None)
-    attrs.pop("error.type", None)
-    for key, value in attrs.items():
-        if key in _CONTENT_KEYS or key.startswith(_CONTENT_PREFIXES) or len(meta) >= _META_KEYS_LIMIT:
-            continue
-        if key in _JSON_OBJECT_KEYS:
-            value = _json_or_value(value)
-        meta[key] = _bounded(value)
-    if resource.metadata:
-        meta["otel.resource"] = resource.metadata
-    out["metadata"] = meta
-    return out
+def _map_ttft(attrs: dict, out: dict, meta: dict, streamed: bool | None, first_chunk_ms: float | None) -> None:
+    ttft_seconds = _float(_first(attrs, _TTFT_SECONDS))
+    for key in _TTFT_SECONDS:
+        attrs.pop(key, None)
+    ttft_ms = ttft_seconds * 1000.0 if ttft_seconds is not None and ttft_seconds >= 0 else first_chunk_ms
+    if ttft_ms is None:
+        return
+    if streamed is False:
+        meta[TTFT_UNSTREAMED_KEY] = ttft_ms
+    else:
+        out["latency_ms_ttft"] = ttft_ms
+
+
+def _map_text(attrs: dict, out: dict, flat: dict, kind: str) -> None:
+    """Prompt and response of any span: an LLM call's messages, a chain's, agent's or tool's input and output,
+    a retriever's documents. Content attributes land here, where they are scanned, never in metadata."""
+    prompt = _text_of(attrs, "input", flat, kind)
+    response = _text_of(attrs, "output", flat, kind)
+    if prompt is not None:
+        out["prompt"] = prompt[:_TEXT_LIMIT]
+    if response is not None:
+        out["response"] = response[:_TEXT_LIMIT]
 
 
 def _own_field(out: dict, name: str, value: Any, meta: dict) -> None:
@@ -621,34 +829,54 @@ def _own_field(out: dict, name: str, value: Any, meta: dict) -> None:
         out[name] = coerced
 
 
-def _text_of(attrs: dict, direction: str, flat: dict) -> str | None:
+# Where each kind's text comes from when it has no messages, most specific first.
+_INPUT_KEYS = ("gen_ai.prompt", "llm.prompts", "gen_ai.tool.call.arguments", "tool_call.function.arguments",
+               "gen_ai.tool.args", "gen_ai.tool.input", "gen_ai.retrieval.query.text", "reranker.query",
+               "input.value", "traceloop.entity.input", "tool.parameters")
+_OUTPUT_KEYS = ("gen_ai.completion", "gen_ai.tool.call.result", "gen_ai.tool.output", "output.value",
+                "traceloop.entity.output")
+_RAW_TEXT_KEYS = frozenset({"input.value", "output.value", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result",
+                            "tool_call.function.arguments", "gen_ai.tool.args", "gen_ai.tool.input",
+                            "gen_ai.tool.output", "reranker.query", "tool.parameters"})
+
+
+def _text_of(attrs: dict, direction: str, flat: dict, kind: str = "UNKNOWN") -> str | None:
     """Prompt (direction input) or response text of a span, from the most readable source first."""
     if direction == "input":
         messages = _as_messages(attrs.get("gen_ai.input.messages"))
         system = attrs.get("gen_ai.system_instructions")
         if messages or system is not None:
             return _render(messages or [], system)
+        if kind == "EMBEDDING" and (texts := _embedding_texts(attrs)):
+            return texts
     else:
         messages = _as_messages(attrs.get("gen_ai.output.messages"))
         if messages:
             return _render(messages)
+        if kind in ("RETRIEVER", "RERANKER"):
+            docs = _documents_text(attrs, "reranker.output_documents." if kind == "RERANKER"
+                                   else "retrieval.documents.")
+            if docs:
+                return docs
     if flat.get(direction):
         return _render(flat[direction])
-    keys = (("gen_ai.prompt", "llm.prompts", "gen_ai.tool.call.arguments", "gen_ai.retrieval.query.text",
-             "input.value") if direction == "input" else
-            ("gen_ai.completion", "gen_ai.tool.call.result", "output.value"))
-    for key in keys:
+    if kind == "EMBEDDING" and direction == "output":
+        return None  # the vectors (OpenInference's output.value): not text anyone reads or scans
+    for key in _INPUT_KEYS if direction == "input" else _OUTPUT_KEYS:
         value = attrs.get(key)
         if value is None or value == "":
             continue
-        if key in ("input.value", "output.value", "gen_ai.tool.call.arguments", "gen_ai.tool.call.result"):
+        if key in _RAW_TEXT_KEYS:
             return value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+        if key.startswith("traceloop.entity."):
+            return _content_text(_unwrap_entity(value))
         return _render(_as_messages(value) or [])
     return None
 
 
-def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict) -> None:
-    model = _first(attrs, _MODEL_KEYS)
+def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict, invocation: dict, scope_name: str | None) -> None:
+    model = _first(attrs, _MODEL_KEYS) or (invocation.get("model") if isinstance(invocation.get("model"), str)
+                                           else None)
     if model is not None:
         out["model"] = _clip("model", str(model))
         request_model = attrs.get("gen_ai.request.model")
@@ -657,12 +885,21 @@ def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict) -> None:
     for key in _MODEL_KEYS:
         attrs.pop(key, None)
     provider = _first(attrs, _PROVIDER_KEYS)
+    if provider is None and scope_name:
+        provider = _SCOPE_PROVIDERS.get(scope_name.rsplit(".", 1)[-1].lower())
     if provider is not None:
         provider = str(provider).strip().lower()
         out["provider"] = _clip("provider", _PROVIDERS.get(provider, provider))
     for key in _PROVIDER_KEYS:
         attrs.pop(key, None)
+    response_id = _response_id(attrs)
+    if response_id:
+        out["response_id"] = _clip("response_id", response_id)
+    _map_tokens(attrs, out, meta)
+    _map_finish_reason(attrs, out, meta, flat)
 
+
+def _map_tokens(attrs: dict, out: dict, meta: dict) -> None:
     prompt_tokens = _int(_first(attrs, _INPUT_TOKENS))
     completion_tokens = _int(_first(attrs, _OUTPUT_TOKENS))
     cache_read = _int(_first(attrs, _CACHE_READ))
@@ -688,23 +925,18 @@ def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict) -> None:
     if prompt_tokens is not None or completion_tokens is not None:
         out["token_count_method"] = "provider"
 
-    raw_reasons = attrs.pop("gen_ai.response.finish_reasons", None)
-    reason = _finish_reason(raw_reasons)
+
+def _map_finish_reason(attrs: dict, out: dict, meta: dict, flat: dict) -> None:
+    raw = {key: attrs.pop(key) for key in _FINISH_REASON_KEYS if attrs.get(key) not in (None, "", [])}
+    reason = next((r for r in map(_finish_reason, raw.values()) if r is not None), None)
     if reason is None:
         outputs = _as_messages(attrs.get("gen_ai.output.messages")) or flat.get("output") or []
         reason = next((_finish_reason(m.get("finish_reason")) for m in outputs
                        if isinstance(m, dict) and m.get("finish_reason")), None)
     if reason is not None:
         out["finish_reason"] = reason
-    elif raw_reasons is not None:
-        meta["gen_ai.response.finish_reasons"] = _bounded(raw_reasons)
-
-    ttft_seconds = _float(_first(attrs, _TTFT_SECONDS))
-    for key in _TTFT_SECONDS:
-        attrs.pop(key, None)
-    if ttft_seconds is not None and ttft_seconds >= 0:
-        out["latency_ms_ttft"] = ttft_seconds * 1000.0
-
+    else:
+        meta.update({key: _bounded(value) for key, value in raw.items()})
 
 
 # --- a whole request ------------------------------------------------------------------
