@@ -8,6 +8,7 @@ from ninja import Query, Router, Status
 
 from ingest.auth import API_KEY_AUTH
 from ingest.bodies import BodyError, read_json_spans
+from ingest.kinds import SPAN_KINDS, kind_normalize
 from ingest.schemas import SpanIn, ErrorOut, IngestAccepted, SpanPage, TraceOut
 from ingest.selectors.spans import BadCursor, SpanFilters, as_utc, span_list, trace_get
 from ingest.services.spans import spans_ingest
@@ -92,9 +93,17 @@ def get_spans(
     trace_id: str | None = None,
     user_id: str | None = None,
     session_id: str | None = None,
+    kind: str | None = Query(None, description="LLM, CHAIN, TOOL, AGENT, RETRIEVER, EMBEDDING, RERANKER, "
+                             "GUARDRAIL, EVALUATOR or UNKNOWN"),
     limit: int = Query(100, ge=1, le=1000),
     cursor: str | None = Query(None, max_length=1000),
 ):
+    if kind is not None:
+        canonical = kind_normalize(kind)
+        if canonical is None:
+            return Status(400, {"error": f"unknown kind; one of {', '.join(SPAN_KINDS)}", "rule": "invalid_value",
+                                "field": "kind"})
+        kind = canonical
     texts = {"service": service, "model": model, "provider": provider, "status": status, "trace_id": trace_id,
              "user_id": user_id, "session_id": session_id, "cursor": cursor}
     bad = next((name for name, value in texts.items() if value and "\x00" in value), None)
@@ -105,7 +114,7 @@ def get_spans(
     except ValueError as exc:
         return Status(400, {"error": str(exc), "rule": "invalid_value", "field": "from"})
     filters = SpanFilters(start=start, end=end, service=service, model=model, provider=provider,
-                          status=status, trace_id=trace_id, user_id=user_id, session_id=session_id)
+                          status=status, trace_id=trace_id, user_id=user_id, session_id=session_id, kind=kind)
     try:
         items, next_cursor = span_list(project_id=request.auth.project.id, filters=filters, limit=limit, cursor=cursor)
     except BadCursor as exc:

@@ -1,6 +1,6 @@
 """What crosses a process boundary: one frozen, versioned message per span.
 
-The web process (producer) builds a `SpanMessageV1` from a prepared row, already
+The web process (producer) builds a `SpanMessage` from a prepared row, already
 validated, priced, scanned and redacted; the consumer decodes it and stores the row
 unchanged. A change of shape is a new class with a new version, never an edit of
 this one: messages written by an older release may still sit in the topic.
@@ -113,40 +113,42 @@ class SpanMessageV1:
     def from_row(cls, row: dict) -> SpanMessageV1:
         """From a row of `spans_prepare`; a missing column is a programming error, said clearly."""
         try:
-            return cls(**{name: row[name] for name in FIELD_NAMES})
+            return cls(**{name: row[name] for name in cls._fields()})
         except KeyError as exc:
             raise ContractError(f"row lacks the field {exc.args[0]!r} of {cls.__name__}") from None
 
     def to_row(self) -> dict:
-        return {name: getattr(self, name) for name in FIELD_NAMES}
+        """The row to store: every column of ingest_span (those this version lacks are None)."""
+        row = dict.fromkeys(FIELD_NAMES)
+        row.update((name, getattr(self, name)) for name in self._fields())
+        return row
+
+    @classmethod
+    def _fields(cls) -> dict[str, tuple]:
+        return _FIELDS_BY_CLASS[cls]
 
     # --- wire format ----------------------------------------------------------
     def to_bytes(self) -> bytes:
         payload = {"schema": self.SCHEMA, "version": self.VERSION}
-        payload.update(self.to_row())
+        payload.update((name, getattr(self, name)) for name in self._fields())
         # Datetimes as RFC 3339 with offset; non-string metadata keys as strings, like the jsonb column.
         return orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS)
 
     @classmethod
     def from_bytes(cls, data: bytes | None) -> SpanMessageV1:
-        if not data:
-            raise ContractError("empty message")
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise ContractError(f"not JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ContractError(f"not a JSON object but {type(payload).__name__}")
-        schema, version = payload.pop("schema", None), payload.pop("version", None)
-        if schema != cls.SCHEMA:
-            raise ContractError(f"schema is {schema!r}, expected {cls.SCHEMA!r}")
+        payload, version = _payload(data, cls.SCHEMA)
         if version != cls.VERSION:
             raise ContractError(f"unsupported version {version!r} of {cls.SCHEMA} (this consumer reads {cls.VERSION})")
-        unknown = payload.keys() - _FIELDS.keys()
+        return cls._from_payload(payload)
+
+    @classmethod
+    def _from_payload(cls, payload: dict) -> SpanMessageV1:
+        fields = cls._fields()
+        unknown = payload.keys() - fields.keys()
         if unknown:
             raise ContractError(f"unknown fields: {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
-        for name, (check, required) in _FIELDS.items():
+        for name, (check, required) in fields.items():
             value = payload.get(name)
             if value is None:
                 if required:
@@ -194,5 +196,45 @@ def _fields_of(cls) -> dict[str, tuple]:
     return fields
 
 
-_FIELDS = _fields_of(SpanMessageV1)
-FIELD_NAMES = tuple(_FIELDS)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpanMessageV2(SpanMessageV1):
+    """Version 2: a span's name and kind, and the provider's response id that links two spans of one call."""
+
+    VERSION: ClassVar[int] = 2
+
+    name: str | None = None
+    kind: str | None = None
+    response_id: str | None = None
+    duplicate_of: str | None = None
+
+
+_FIELDS_BY_CLASS = {cls: _fields_of(cls) for cls in (SpanMessageV1, SpanMessageV2)}
+# The current message, what producers write; consumers read every version below.
+SpanMessage = SpanMessageV2
+FIELD_NAMES = tuple(_FIELDS_BY_CLASS[SpanMessage])
+_BY_VERSION = {cls.VERSION: cls for cls in _FIELDS_BY_CLASS}
+
+
+def span_message_from_bytes(data: bytes | None) -> SpanMessageV1:
+    """Decode a message of any version this release reads (older ones may still sit in the topic)."""
+    payload, version = _payload(data, SPAN_SCHEMA)
+    cls = _BY_VERSION.get(version)
+    if cls is None:
+        raise ContractError(f"unsupported version {version!r} of {SPAN_SCHEMA} (this consumer reads "
+                            f"{', '.join(str(v) for v in sorted(_BY_VERSION))})")
+    return cls._from_payload(payload)
+
+
+def _payload(data: bytes | None, schema_name: str) -> tuple[dict, Any]:
+    if not data:
+        raise ContractError("empty message")
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ContractError(f"not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ContractError(f"not a JSON object but {type(payload).__name__}")
+    schema, version = payload.pop("schema", None), payload.pop("version", None)
+    if schema != schema_name:
+        raise ContractError(f"schema is {schema!r}, expected {schema_name!r}")
+    return payload, version

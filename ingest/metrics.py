@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ingest.kinds import MODEL_CALL_KINDS, counts_as_call
 from ingest.services.pricing import normalize_provider
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -117,6 +118,10 @@ def _is_llm_row(row: dict) -> bool:
 def metrics_record_rows(rows: list[dict]) -> None:
     """Count stored span rows. One increment per label set, not per span: cheap on big batches."""
     spans: Tally = Tally()
+    if not counts_as_call(row):
+        return False
+    if row.get("kind") in MODEL_CALL_KINDS:
+        return True
     tokens: Tally = Tally()
     cost: Tally = Tally()
     pii: Tally = Tally()

@@ -205,6 +205,10 @@ class Span(models.Model):
     error_message = models.TextField(null=True)
     metadata = models.JSONField(null=True)
     received_at = models.DateTimeField()
+    name = models.CharField(max_length=500, null=True)
+    kind = models.CharField(max_length=16, null=True)  # ingest.schemas.SPAN_KINDS
+    response_id = models.CharField(max_length=200, null=True)
+    duplicate_of = models.CharField(max_length=128, null=True)
 
     class Meta:
         managed = False

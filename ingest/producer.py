@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from django.conf import settings
 
 from ingest import kafka_metrics as metrics
-from ingest.contracts import SpanMessageV1
+from ingest.contracts import SpanMessage
 from ingest.queues import Topic
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def spans_produce(*, rows: list[dict]) -> None:
     """Produce prepared rows to `llm.spans.raw`; return once the broker acknowledged all of them."""
     if not rows:
         return
-    payloads = [(row["trace_id"].encode(), SpanMessageV1.from_row(row).to_bytes()) for row in rows]
+    payloads = [(row["trace_id"].encode(), SpanMessage.from_row(row).to_bytes()) for row in rows]
     for attempt in (1, 2):
         handle = _current()
         try:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from ninja import Schema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ingest.kinds import SPAN_KINDS, is_model_call, kind_normalize
+
 FINISH_REASONS = (
     "stop", "length", "content_filter", "tool_calls", "error", "cancelled",
     "cache_hit", "client_disconnect", "unspecified",
@@ -37,6 +39,12 @@ class SpanIn(BaseModel):
     model_config = ConfigDict(extra="allow", str_strip_whitespace=True)
 
     schema_version: Literal[1] = 1
+    name: str | None = Field(None, max_length=500, description="what the span did, e.g. `chat gpt-4o`, a tool's name")
+    kind: str | None = Field(None, description="LLM, CHAIN, TOOL, AGENT, RETRIEVER, EMBEDDING, RERANKER, "
+                             "GUARDRAIL, EVALUATOR or UNKNOWN (any case). Only LLM, EMBEDDING and RERANKER "
+                             "spans are priced. Absent: LLM when the span has a model or tokens, else UNKNOWN")
+    response_id: str | None = Field(None, max_length=200, description="the provider's id of the answer: two "
+                                    "spans of one trace with the same id are one call, counted once")
     span_id: str | None = Field(None, min_length=1, max_length=MAX_ID)
     trace_id: str | None = Field(None, min_length=1, max_length=MAX_ID)
     parent_span_id: str | None = Field(None, max_length=MAX_ID)
@@ -82,6 +90,16 @@ class SpanIn(BaseModel):
         if lowered not in FINISH_REASONS:
             raise ValueError(f"unknown finish_reason {value!r}; one of {', '.join(FINISH_REASONS)}")
         return lowered
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        kind = kind_normalize(value)
+        if kind is None:
+            raise ValueError(f"unknown kind {value!r}; one of {', '.join(SPAN_KINDS)}")
+        return kind
 
     @field_validator("status", mode="before")
     @classmethod
@@ -179,6 +197,33 @@ class SpanOut(Schema):
     error_message: str | None
     metadata: dict[str, Any] | None
     received_at: datetime
+    name: str | None = None
+    kind: str | None = None
+    response_id: str | None = None
+    duplicate_of: str | None = Field(None, description="the span of the same model call that carries its tokens "
+                                     "and cost; this one is left out of sums, metrics and budgets")
+    cost_status: str = Field("no_tokens", description="priced; estimated (tokens counted from the text: the "
+                             "provider sent none); not_applicable (not a model call); duplicate (see "
+                             "duplicate_of); unknown_price (model not in the price table); no_tokens")
+
+    @staticmethod
+    def resolve_cost_status(obj: Any) -> str:
+        get = obj.get if isinstance(obj, dict) else lambda name: getattr(obj, name, None)
+        return cost_status(kind=get("kind"), model=get("model"), duplicate_of=get("duplicate_of"),
+                           cost=get("cost_usd_micro"), method=get("token_count_method"),
+                           has_tokens=get("prompt_tokens") is not None or get("completion_tokens") is not None)
+
+
+def cost_status(*, kind: str | None, model: str | None, duplicate_of: str | None, cost: int | None,
+                method: str | None, has_tokens: bool) -> str:
+    """Why a span has the cost it has (SpanOut.cost_status)."""
+    if duplicate_of:
+        return "duplicate"
+    if not is_model_call(kind, model):
+        return "not_applicable"
+    if cost is not None:
+        return "estimated" if method == "estimated" else "priced"
+    return "unknown_price" if has_tokens else "no_tokens"
 
 
 class SpanPage(Schema):

@@ -23,7 +23,10 @@ def rebuild(apps, schema_editor):
     # Spans stored before the roll-ups existed are counted once, here.
     from ingest.services.rollups import rollups_rebuild
 
-    rollups_rebuild()
+    # The span columns as they are at this migration (later ones add columns the code reads).
+    rollups_rebuild(columns=("project_id", "timestamp_utc", "service_name", "model", "provider", "status",
+                             "prompt_tokens", "completion_tokens", "cost_usd_micro", "latency_ms_total",
+                             "latency_ms_ttft", "pii_detected", "injection_attempt", "user_id"))
 
 
 class Migration(migrations.Migration):

@@ -22,6 +22,7 @@ SPAN_FIELDS = (
     "latency_ms_ttft", "latency_ms_total", "cost_usd_micro", "price_version", "is_sampled",
     "retry_count", "attempted_models", "pii_detected", "injection_attempt", "matched_patterns", "scan_status",
     "prompt", "response", "prompt_hash", "error_type", "error_message", "metadata", "received_at",
+    "name", "kind", "response_id", "duplicate_of",
 )
 
 
@@ -52,6 +53,7 @@ class SpanFilters:
     trace_id: str | None = None
     user_id: str | None = None
     session_id: str | None = None
+    kind: str | None = None
     flag: str | None = None  # console only: "pii", "injection" or "flagged"
     text: str | None = None  # console only: a substring of the prompt (case-insensitive)
 
@@ -85,7 +87,7 @@ def _filtered(project_id: int, filters: SpanFilters):
         qs = qs.filter(timestamp_utc__lt=filters.end)
     for name, column in (("service", "service_name"), ("model", "model"), ("provider", "provider"),
                          ("status", "status"), ("trace_id", "trace_id"), ("user_id", "user_id"),
-                         ("session_id", "session_id")):
+                         ("session_id", "session_id"), ("kind", "kind")):
         value = getattr(filters, name)
         if value is not None:
             qs = qs.filter(**{column: value})

@@ -3,7 +3,8 @@
 Three tables (see models): sums per hour x service x model x provider, latency/TTFT
 histograms per hour, and cost per user per day. They are written in the same
 transaction as the spans they count, so they never disagree with the span table
-(only spans really inserted are counted: duplicates are not). Rows are upserted in
+(only spans really inserted are counted: re-sent ones are not). They count calls: not chains,
+tools or agents around them, nor the second span of a call another span already carries. Rows are upserted in
 key order, which keeps concurrent writers free of deadlocks, and each writer picks
 one of SHARDS rows per key, so two batches of the same hour rarely wait for each other.
 """
@@ -17,6 +18,8 @@ from datetime import datetime, timezone
 
 import orjson
 from django.db import connection, transaction
+
+from ingest.kinds import counts_as_call
 
 SHARDS = 4
 # Latency histograms: bucket 0 is < 1 ms, bucket i in 1..62 is [R^(i-1), R^i) ms, 63 is the rest.
@@ -68,6 +71,8 @@ def rollups_from_rows(rows, *, shard: int) -> tuple[list[dict], list[dict], list
     hists: dict[tuple, tuple[list[int], list[int]]] = {}
     users: dict[tuple, list] = defaultdict(lambda: [0, 0, 0, 0])
     for row in rows:
+        if not counts_as_call(row):
+            continue
         project_id = row["project_id"]
         hour = _hour(row["timestamp_utc"])
         key = (project_id, hour, row["service_name"] or "", row["model"] or "", row["provider"] or "")
@@ -164,7 +169,7 @@ def rollups_add(cur, rows) -> None:
 
 _ROLLUP_COLUMNS = ("project_id", "timestamp_utc", "service_name", "model", "provider", "status", "prompt_tokens",
                    "completion_tokens", "cost_usd_micro", "latency_ms_total", "latency_ms_ttft", "pii_detected",
-                   "injection_attempt", "user_id")
+                   "injection_attempt", "user_id", "kind", "duplicate_of")
 
 
 def rollups_delete(*, before: datetime, project_id: int | None = None) -> None:
@@ -178,7 +183,8 @@ def rollups_delete(*, before: datetime, project_id: int | None = None) -> None:
                     [before.astimezone(timezone.utc).date(), *extra])
 
 
-def rollups_rebuild(*, project_id: int | None = None, chunk: int = 20_000, progress=None) -> int:
+def rollups_rebuild(*, project_id: int | None = None, chunk: int = 20_000, progress=None,
+                    columns: tuple[str, ...] = _ROLLUP_COLUMNS) -> int:
     """Recompute every roll-up from the span table (after a restore, or for spans stored before them)."""
     scope = "WHERE project_id = %s" if project_id is not None else ""
     params = [project_id] if project_id is not None else []
@@ -191,13 +197,13 @@ def rollups_rebuild(*, project_id: int | None = None, chunk: int = 20_000, progr
         raw = connection.connection
         with raw.cursor(name="llmobs_rollup_rebuild") as stream, connection.cursor() as cur:
             stream.itersize = chunk
-            stream.execute(f"SELECT {', '.join(_ROLLUP_COLUMNS)} FROM ingest_span {scope} "
+            stream.execute(f"SELECT {', '.join(columns)} FROM ingest_span {scope} "
                            "ORDER BY timestamp_utc", params)
             while True:
                 batch = stream.fetchmany(chunk)
                 if not batch:
                     break
-                rollups_add(cur, [dict(zip(_ROLLUP_COLUMNS, values)) for values in batch])
+                rollups_add(cur, [dict(zip(columns, values)) for values in batch])
                 counted += len(batch)
                 if progress:
                     progress(counted)

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from pydantic import ValidationError
 
+from ingest.kinds import is_model_call, kind_normalize, kind_of
 from ingest.metrics import metrics_record_ingest
 from ingest.schemas import MAX_DEPTH, SpanIn
 from ingest.services.embeddings import embeddings_enqueue
@@ -24,6 +25,7 @@ from ingest.services.pricing import price_table
 from ingest.services.rollups import rollups_add
 from ingest.services.sampling import should_sample
 from ingest.services.scanning import scan_row
+from instrumentation_sdk import count_tokens
 
 # Order of the columns in the COPY into the staging table.
 COLUMNS = (
@@ -33,12 +35,13 @@ COLUMNS = (
     "reasoning_tokens", "token_count_method", "latency_ms_ttft", "latency_ms_total",
     "cost_usd_micro", "price_version", "is_sampled", "retry_count", "attempted_models",
     "pii_detected", "injection_attempt", "matched_patterns", "scan_status", "prompt", "response", "prompt_hash",
-    "error_type", "error_message", "metadata", "received_at",
+    "error_type", "error_message", "metadata", "received_at", "name", "kind", "response_id", "duplicate_of",
 )
 _JSON_COLUMNS = {"attempted_models", "matched_patterns", "metadata"}
 _TEXT_FIELDS = (
     "span_id", "trace_id", "parent_span_id", "model", "provider", "service_name", "endpoint",
-    "environment", "user_id", "session_id", "prompt", "response", "error_type", "error_message",
+    "environment", "user_id", "session_id", "prompt", "response", "error_type", "error_message", "name",
+    "response_id",
 )
 FUTURE_TOLERANCE = timedelta(days=1)
 
@@ -118,7 +121,48 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
             result.rejected.append(outcome)
         else:
             result.rows.append(outcome)
+    _link_calls_in_batch(result.rows)
     return result
+
+
+def _call_key(row: dict) -> tuple | None:
+    if not row["response_id"] or not is_model_call(row["kind"], row["model"]):
+        return None
+    return row["project_id"], row["trace_id"], row["response_id"]
+
+
+def _carrier_rank(row: dict) -> tuple:
+    # The span that keeps a call's tokens and cost: the one with provider tokens, then the earliest.
+    has_tokens = row["prompt_tokens"] is not None or row["completion_tokens"] is not None
+    return (not has_tokens, row["token_count_method"] == "estimated", row["timestamp_utc"], row["span_id"])
+
+
+def _link_calls_in_batch(rows: list[dict]) -> None:
+    """Spans of one batch that describe the same model call: all but one become duplicates."""
+    calls: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = _call_key(row)
+        if key is not None:
+            calls.setdefault(key, []).append(row)
+    for same in calls.values():
+        ids = {row["span_id"] for row in same}
+        if len(ids) < 2:
+            continue
+        same.sort(key=_carrier_rank)
+        for row in same[1:]:
+            if row["span_id"] != same[0]["span_id"]:
+                span_mark_duplicate(row, of=same[0]["span_id"])
+
+
+def span_mark_duplicate(row: dict, *, of: str) -> None:
+    """Leave a span's tokens and cost to `of`: the same call must count once in sums, metrics and budgets."""
+    counted = {name: row[name] for name in ("prompt_tokens", "completion_tokens", "cached_tokens",
+                                            "reasoning_tokens", "cost_usd_micro") if row[name] is not None}
+    row["metadata"] = {**(row["metadata"] or {}), "llm_observe.duplicate_counts": counted}
+    row["duplicate_of"] = of
+    for name in counted:
+        row[name] = None
+    row["price_version"] = None
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -187,14 +231,43 @@ def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> 
     # A prompt with PII keeps no derived fields (hash, embedding).
     hashed = sampled and row["prompt"] and not row["pii_detected"]
     row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if hashed else None
-    if row["token_count_method"] is None and (span.prompt_tokens is not None or span.completion_tokens is not None):
+    has_tokens = span.prompt_tokens is not None or span.completion_tokens is not None
+    if row["token_count_method"] is None and has_tokens:
         row["token_count_method"] = "unspecified"
+    # 1.8.1 reports said what a span was in a free `span_type` key.
+    given = span.kind or kind_normalize((extra or {}).get("span_type"))
+    row["kind"] = kind_of(kind=given, model=span.model, has_tokens=has_tokens)
+    row["duplicate_of"] = None
+    span_tokens_and_cost(row, prices=prices)
+    return row
 
-    cost = prices.cost(provider=span.provider, model=span.model, prompt_tokens=span.prompt_tokens,
-                       completion_tokens=span.completion_tokens, cached_tokens=span.cached_tokens)
+
+def span_tokens_and_cost(row: dict, *, prices) -> None:
+    """Price a row; a model call whose provider sent no token counts gets them counted from its text.
+
+    Spans that are not model calls (a tool, a chain) are never priced: their cost is
+    "not applicable", not unknown. Also called when a span's text arrives later (OTLP logs).
+    """
+    if row["duplicate_of"] or not is_model_call(row["kind"], row["model"]):
+        row["cost_usd_micro"] = row["price_version"] = None
+        return
+    if row["prompt_tokens"] is None and row["completion_tokens"] is None:
+        _estimate_tokens(row)
+    cost = prices.cost(provider=row["provider"], model=row["model"], prompt_tokens=row["prompt_tokens"],
+                       completion_tokens=row["completion_tokens"], cached_tokens=row["cached_tokens"])
     row["cost_usd_micro"] = cost.cost_usd_micro if cost else None
     row["price_version"] = cost.price_version if cost else None
-    return row
+
+
+def _estimate_tokens(row: dict) -> None:
+    # The stored (redacted) text, with the model's tokenizer when it is known (tiktoken for OpenAI
+    # models), else characters / ratio: either way an estimate, never the provider's count.
+    prompt, response = row["prompt"], row["response"]
+    if not prompt and not response:
+        return
+    row["prompt_tokens"] = count_tokens(prompt, row["model"])[0] if prompt else 0
+    row["completion_tokens"] = count_tokens(response, row["model"])[0] if response else 0
+    row["token_count_method"] = "estimated"
 
 
 _row_values = operator.itemgetter(*COLUMNS)
@@ -253,6 +326,7 @@ def _copy_and_insert(rows: list[dict]) -> int:
         fresh = set(cur.fetchall())
         new_rows = [r for r in rows if (r["project_id"], r["span_id"]) in fresh]
         if new_rows:
+            _link_calls_stored(cur, new_rows)
             # COPY is psycopg's own API, which Django does not wrap: without this its errors (a full
             # disk: psycopg DiskFull) miss the API's 503 handlers and the consumer's retry.
             with connection.wrap_database_errors, cur.copy(_COPY_SQL) as copy:
@@ -263,6 +337,37 @@ def _copy_and_insert(rows: list[dict]) -> int:
             # Embeddings are computed by workers, only for what was really committed.
             transaction.on_commit(lambda: embeddings_enqueue(rows=new_rows))
         return len(new_rows)
+
+
+# Spans stored earlier (another batch) that carry the tokens and cost of a call.
+_CARRIERS_SQL = """
+SELECT k.p, k.t, k.r, min(s.span_id)
+FROM jsonb_to_recordset(%s::jsonb) AS k(p bigint, t varchar, r varchar, lo timestamptz, hi timestamptz)
+JOIN ingest_span s ON s.project_id = k.p AND s.trace_id = k.t AND s.response_id = k.r
+    AND s.duplicate_of IS NULL AND s.timestamp_utc BETWEEN k.lo AND k.hi
+GROUP BY k.p, k.t, k.r
+"""
+# Two spans of one call are at most this far apart (the second is usually the same call seen by
+# a second instrumentation); the bound keeps the lookup on a few partitions.
+_CALL_WINDOW = timedelta(days=1)
+
+
+def _link_calls_stored(cur, rows: list[dict]) -> None:
+    """New rows describing a call that an earlier batch already stored become its duplicates."""
+    keyed = [(key, row) for row in rows if row["duplicate_of"] is None and (key := _call_key(row)) is not None]
+    if not keyed:
+        return
+    # Two batches carrying the two spans of one call must not both see no carrier: one waits.
+    for key in sorted({key for key, _ in keyed}):
+        cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 13))", [orjson.dumps(key).decode()])
+    lookup = [{"p": key[0], "t": key[1], "r": key[2], "lo": row["timestamp_utc"] - _CALL_WINDOW,
+               "hi": row["timestamp_utc"] + _CALL_WINDOW} for key, row in keyed]
+    cur.execute(_CARRIERS_SQL, [orjson.dumps(lookup).decode()])
+    carriers = {(p, t, r): span_id for p, t, r, span_id in cur.fetchall()}
+    for key, row in keyed:
+        carrier = carriers.get(key)
+        if carrier is not None and carrier != row["span_id"]:
+            span_mark_duplicate(row, of=carrier)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from ingest.contracts import FIELD_NAMES, ContractError, SpanMessageV1
+from ingest.contracts import FIELD_NAMES, ContractError, SpanMessage, SpanMessageV1, span_message_from_bytes
 from ingest.services.spans import COLUMNS, spans_prepare
 
 
@@ -25,17 +25,35 @@ def row(project):
 
 
 def test_roundtrip_of_a_prepared_row(row):
-    data = SpanMessageV1.from_row(row).to_bytes()
+    data = SpanMessage.from_row(row).to_bytes()
     payload = orjson.loads(data)
-    assert payload["schema"] == "llm-observe.span" and payload["version"] == 1
+    assert payload["schema"] == "llm-observe.span" and payload["version"] == 2
     assert "jane@example.com" not in data.decode()  # redacted before it is ever produced
-    back = SpanMessageV1.from_bytes(data).to_row()
+    back = span_message_from_bytes(data).to_row()
     assert back == {name: row[name] for name in COLUMNS}
+    assert back["kind"] == "LLM"
     assert isinstance(back["latency_ms_total"], float) and back["timestamp_utc"].tzinfo is not None
 
 
-def _payload(row, **changes):
+def test_version_1_messages_still_in_the_topic_are_read(row):
+    # Written by the previous release: no name, kind or response id; the row gets them as None.
+    data = SpanMessageV1.from_row(row).to_bytes()
+    payload = orjson.loads(data)
+    assert payload["version"] == 1 and "kind" not in payload
+    back = span_message_from_bytes(data).to_row()
+    assert set(back) == set(COLUMNS)
+    assert back["kind"] is None and back["name"] is None and back["prompt_tokens"] == 1200
+
+
+def test_a_version_1_message_with_version_2_fields_is_refused(row):
     payload = orjson.loads(SpanMessageV1.from_row(row).to_bytes())
+    payload["kind"] = "LLM"
+    with pytest.raises(ContractError, match="unknown fields: kind"):
+        span_message_from_bytes(orjson.dumps(payload))
+
+
+def _payload(row, **changes):
+    payload = orjson.loads(SpanMessage.from_row(row).to_bytes())
     payload.update(changes)
     return payload
 
@@ -45,7 +63,8 @@ def _payload(row, **changes):
     (lambda p: b"\x00\xffgarbage", "not JSON"),
     (lambda p: b"[1, 2]", "not a JSON object"),
     (lambda p: {**p, "schema": "other"}, "schema is 'other'"),
-    (lambda p: {**p, "version": 2}, "unsupported version 2"),
+    (lambda p: {**p, "version": 3}, "unsupported version 3"),
+    (lambda p: {**p, "kind": 5}, "'kind' has the wrong type"),
     (lambda p: {k: v for k, v in p.items() if k != "span_id"}, "missing field 'span_id'"),
     (lambda p: {**p, "span_id": ""}, "must not be empty"),
     (lambda p: {**p, "project_id": "1"}, "'project_id' has the wrong type"),
@@ -59,13 +78,13 @@ def test_invalid_messages_raise_a_clear_contract_error(row, mutate, reason):
     value = mutate(_payload(row))
     data = value if isinstance(value, bytes) else orjson.dumps(value)
     with pytest.raises(ContractError, match=reason.replace("(", r"\(")):
-        SpanMessageV1.from_bytes(data)
+        span_message_from_bytes(data)
 
 
 def test_a_row_missing_a_column_is_a_contract_error(row):
     del row["scan_status"]
     with pytest.raises(ContractError, match="scan_status"):
-        SpanMessageV1.from_row(row)
+        SpanMessage.from_row(row)
 
 
 def test_messages_are_frozen(row):

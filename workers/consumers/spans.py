@@ -21,7 +21,7 @@ from confluent_kafka import Message
 from django.db import DatabaseError, DataError, IntegrityError, close_old_connections, connection
 
 from ingest import kafka_metrics as metrics
-from ingest.contracts import HEADER_KEY, HEADER_ORIGIN, PROJECT_FROM_KEY, ContractError, SpanMessageV1
+from ingest.contracts import HEADER_KEY, HEADER_ORIGIN, PROJECT_FROM_KEY, ContractError, span_message_from_bytes
 from ingest.metrics import metrics_record_ingest
 from ingest.models import Project
 from ingest.queues import Topic
@@ -64,9 +64,22 @@ def _key_project(header: bytes | None) -> tuple[Project | None, str]:
     return check.project, ""
 
 
+# Span fields newer than the SDK's message (version 1): its Kafka transport sends them as
+# metadata keys, like any key it does not know; over HTTP they are fields.
+_PROMOTED = ("name", "kind", "response_id")
+
+
 def _client_span(row: dict) -> dict:
     """A decoded SDK message as the span a client would POST (spans_prepare's input)."""
-    return {k: v for k, v in row.items() if v is not None and k not in _SERVER_FIELDS}
+    span = {k: v for k, v in row.items() if v is not None and k not in _SERVER_FIELDS}
+    metadata = span.get("metadata")
+    if isinstance(metadata, dict) and any(key in metadata for key in _PROMOTED):
+        metadata = dict(metadata)
+        for key in _PROMOTED:
+            if key in metadata and key not in span:
+                span[key] = metadata.pop(key)
+        span["metadata"] = metadata or None
+    return span
 
 
 class SpanConsumer(BatchConsumer):
@@ -83,7 +96,7 @@ class SpanConsumer(BatchConsumer):
         from_clients: list[tuple[dict, Message]] = []
         for message in messages:
             try:
-                row = SpanMessageV1.from_bytes(message.value()).to_row()
+                row = span_message_from_bytes(message.value()).to_row()
             except ContractError as exc:
                 poison.append(Poison(message, "contract", str(exc)))
                 continue
