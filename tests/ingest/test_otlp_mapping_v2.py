@@ -359,3 +359,29 @@ def test_openinference_openai_0_1_66_capture():
     for span in (plain, streamed, failed, embedding):
         assert not any(k.startswith(("input.", "output.", "llm.input_messages", "embedding.embeddings"))
                        for k in span["metadata"])
+
+
+def test_openinference_anthropic_3_1_0_over_the_anthropic_sdks_own_spans():
+    # anthropic 2.x traces itself (scope com.anthropic.sdk.python, GenAI attributes) under OpenInference's span:
+    # every call arrives twice, and the two spans share the response id the server links them by.
+    spans = fixture_spans("openinference_anthropic_3.1.0_sdk_2.16.json")
+    sdk = [s for s in spans if s["metadata"]["otel.scope"] == "com.anthropic.sdk.python"]
+    oi = [s for s in spans if s["metadata"]["otel.scope"] == "openinference.instrumentation.anthropic"]
+    assert len(sdk) == len(oi) == 3
+    assert all(s["kind"] == "LLM" and s["provider"] == "anthropic" for s in spans)
+    for mine, theirs in zip(sdk[:2], oi[:2]):
+        assert mine["response_id"] == theirs["response_id"] and mine["response_id"].startswith("msg_")
+        assert mine["parent_span_id"] == theirs["span_id"]
+        assert mine["finish_reason"] == theirs["finish_reason"] == "stop"  # anthropic.message.stop_reason, end_turn
+        assert (mine["prompt_tokens"], mine["completion_tokens"], mine["cached_tokens"]) == \
+            (theirs["prompt_tokens"], theirs["completion_tokens"], theirs["cached_tokens"]) == (21, 12, 5)
+        assert mine["metadata"]["gen_ai.usage.cache_creation.input_tokens"] == 0
+    plain, streamed = sdk[:2]
+    assert plain.get("latency_ms_ttft") is None
+    assert 0 < streamed["latency_ms_ttft"] <= streamed["latency_ms_total"]  # gen_ai.response.time_to_first_chunk
+    assert oi[1]["prompt"] == "system: You are a terse assistant.\nuser: Say hello (streamed call)"
+    failed_sdk, failed_oi = sdk[2], oi[2]
+    assert failed_sdk["error_type"] == "invalid_request_error" and "response_id" not in failed_sdk
+    assert failed_oi["error_type"] == "BadRequestError"
+    assert failed_oi["metadata"][ERROR_TYPE_QUALIFIED_KEY] == "anthropic.BadRequestError"
+    assert failed_sdk["model"] == failed_oi["model"] == "claude-haiku-4-5-error-400"

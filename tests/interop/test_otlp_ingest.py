@@ -89,7 +89,8 @@ def test_genai_chat_under_an_http_span_is_stored_with_model_tokens_and_cost(api,
     assert got["response"] == "Your last invoice was 42 EUR."
     assert got["endpoint"] == "chat gpt-4o"
     meta = got["metadata"]
-    assert meta["gen_ai.request.temperature"] == 0.2 and "gen_ai.response.id" not in meta  # now response_id
+    assert meta["gen_ai.request.temperature"] == 0.2 and got["response_id"] == "chatcmpl-123"
+    assert "gen_ai.response.id" not in meta and (got["name"], got["kind"]) == ("chat gpt-4o", "LLM")
     assert meta["gen_ai.request.model"] == "gpt-4o" and meta["otel.kind"] == "client"
     assert meta["otel.span_type"] == "llm" and meta["otel.scope"] == "tests.interop"
     assert meta["otel.resource"]["host.name"] == "web-1"
