@@ -415,17 +415,17 @@ def _message_text(message: Any) -> tuple[str | None, str | None]:
 
 def _render(messages: list, system: Any = None) -> str | None:
     rendered: list[tuple[str | None, str]] = []
+    system_texts: set[str] = set()
     if system is not None:
         system = _json_or_value(system)
-        parts = system if isinstance(system, list) else [system]
-        text = "\n".join(t for t in (_part_text(p) for p in parts) if t)
-        if text:
-            rendered.append(("system", text))
-    system_text = rendered[0][1].strip() if rendered else None
+        parts = [t for t in (_part_text(p) for p in (system if isinstance(system, list) else [system])) if t]
+        if parts:
+            rendered.append(("system", "\n".join(parts)))
+            system_texts = {t.strip() for t in (*parts, rendered[0][1])}
     for message in messages:
         role, text = _message_text(message)
-        # openlit sends the system prompt twice: in gen_ai.system_instructions and as the first message.
-        if text and not (role in ("system", "developer") and text.strip() == system_text):
+        # openlit sends each system message twice: in gen_ai.system_instructions and among the messages.
+        if text and not (role in ("system", "developer") and text.strip() in system_texts):
             rendered.append((role, text))
     if not rendered:
         return None

@@ -243,6 +243,13 @@ def test_system_message_sent_twice_is_stored_once():
         "gen_ai.input.messages": orjson.dumps([{"role": "system", "content": "Another rule."},
                                                {"role": "user", "content": "Hi"}]).decode()}))
     assert other["prompt"] == f"system: {system}\nsystem: Another rule.\nuser: Hi"
+    two = one(genai_chat_attributes(**{  # openlit: one instruction part per system message
+        "gen_ai.system_instructions": orjson.dumps([{"type": "text", "content": "Rule 1."},
+                                                    {"type": "text", "content": "Rule 2."}]).decode(),
+        "gen_ai.input.messages": orjson.dumps([{"role": "system", "content": "Rule 1."},
+                                               {"role": "system", "content": "Rule 2."},
+                                               {"role": "user", "content": "Hi"}]).decode()}))
+    assert two["prompt"] == "system: Rule 1.\nRule 2.\nuser: Hi"
 
 
 # --- 8. OpenLLMetry entity input/output and other content attributes ---------------------------
