@@ -9,6 +9,7 @@ from django import forms
 from django.conf import settings
 from django.utils import timezone
 
+from ingest.kinds import SPAN_KINDS
 from ingest.models import Project
 from ingest.selectors.spans import FLAG_CHOICES, SORTS
 
@@ -92,6 +93,7 @@ class ExplorerForm(RangeForm):
     model = _NoNul(required=False, max_length=200)
     provider = _NoNul(required=False, max_length=64)
     status = forms.ChoiceField(choices=[("", "any"), ("success", "success"), ("error", "error")], required=False)
+    kind = forms.ChoiceField(choices=[("", "any")] + [(k, k.lower()) for k in SPAN_KINDS], required=False)
     user = _NoNul(required=False, max_length=200)
     session = _NoNul(required=False, max_length=200)
     trace = _NoNul(required=False, max_length=128)
@@ -99,6 +101,12 @@ class ExplorerForm(RangeForm):
     q = _NoNul(required=False, max_length=500, label="prompt contains")
     sort = forms.ChoiceField(choices=[(s, s) for s in SORTS], required=False)
     page = forms.IntegerField(required=False, min_value=1, max_value=10_000)
+
+    def __init__(self, data=None, *args, **kwargs):
+        if data is not None and data.get("kind"):
+            data = data.copy()  # ?kind=tool is ?kind=TOOL, and the menu shows it chosen
+            data["kind"] = data["kind"].strip().upper()
+        super().__init__(data, *args, **kwargs)
 
 
 class SimilarForm(RangeForm):

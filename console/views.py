@@ -100,7 +100,7 @@ def explorer(request, project: str):
     filters = SpanFilters(start=start, end=end, service=data.get("service"), model=data.get("model"),
                           provider=data.get("provider"), status=data.get("status") or None,
                           trace_id=data.get("trace"), user_id=data.get("user"), session_id=data.get("session"),
-                          flag=data.get("flag") or None, text=data.get("q"))
+                          kind=data.get("kind") or None, flag=data.get("flag") or None, text=data.get("q"))
     sort = data.get("sort") or "time"
     page = span_explore(project_id=project.id, filters=filters, sort=sort, page=data.get("page") or 1)
     params = {k: v for k, v in request.GET.items() if k != "page" and v}

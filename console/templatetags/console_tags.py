@@ -1,10 +1,12 @@
-"""Number formatting and query-string helpers for the console templates."""
+"""Number formatting, query-string and span helpers for the console templates."""
 
 from __future__ import annotations
 
 from django import template
 from django.urls import reverse
 from django.utils.http import urlencode
+
+from ingest.kinds import SPAN_KINDS
 
 register = template.Library()
 
@@ -94,3 +96,24 @@ def trace_url(project: str, trace_id: str, span_id: str | None = None) -> str:
 @register.simple_tag
 def span_url(project: str, span_id: str) -> str:
     return reverse("console:span", kwargs={"project": project}) + "?" + urlencode({"id": span_id})
+
+
+@register.filter
+def kind_class(kind) -> str:
+    """The CSS class of a kind badge; anything else (a stored value we do not know) looks like UNKNOWN."""
+    return f"kind-{kind.lower()}" if kind in SPAN_KINDS else "kind-unknown"
+
+
+@register.filter
+def span_label(span) -> str:
+    """What names a span in a list: its name, else its model, else (last resort) its id."""
+    return span.get("name") or span.get("model") or span.get("span_id") or ""
+
+
+@register.filter
+def cost_status(span) -> str:
+    """Why a span costs what it does (SpanOut.cost_status): priced, estimated, not_applicable,
+    duplicate, unknown_price or no_tokens."""
+    from ingest.schemas import SpanOut
+
+    return span.get("cost_status") or SpanOut.resolve_cost_status(span)
