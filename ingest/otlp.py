@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -200,36 +201,52 @@ def _each(node: Any, *keys: str) -> list:
     return []
 
 
-def decode_request(data: bytes, encoding: str) -> ExportTraceServiceRequest:
-    request = ExportTraceServiceRequest()
+def _items(payload: dict, levels: tuple[tuple[str, ...], ...]) -> list:
+    nodes = [payload]
+    for keys in levels:
+        nodes = [child for node in nodes for child in _each(node, *keys)]
+    return nodes
+
+
+def decode_export(data: bytes, encoding: str, message: Message, *, levels: tuple[tuple[str, ...], ...],
+                  fix: Callable[[dict], None] = _ids_to_base64) -> Message:
+    """An OTLP export request (protobuf, or OTLP JSON: hex ids in the items `levels` leads to) into `message`."""
+    what = type(message).__name__
     if encoding == PROTOBUF:
         try:
-            request.ParseFromString(data)
+            message.ParseFromString(data)
         except (DecodeError, RuntimeError, ValueError) as exc:
-            raise OtlpDecodeError(f"body is not a protobuf ExportTraceServiceRequest: {exc}") from None
-        return request
+            raise OtlpDecodeError(f"body is not a protobuf {what}: {exc}") from None
+        return message
     if not data.strip():
-        return request
+        return message
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise OtlpDecodeError(f"body is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
-        raise OtlpDecodeError("body must be a JSON object (ExportTraceServiceRequest)")
-    for resource_spans in _each(payload, "resourceSpans", "resource_spans"):
-        for scope_spans in _each(resource_spans, "scopeSpans", "scope_spans"):
-            for span in _each(scope_spans, "spans"):
-                if not isinstance(span, dict):
-                    raise OtlpDecodeError("each span must be an object")
-                _ids_to_base64(span)
-                for link in _each(span, "links"):
-                    if isinstance(link, dict):
-                        _ids_to_base64(link)
+        raise OtlpDecodeError(f"body must be a JSON object ({what})")
+    for item in _items(payload, levels):
+        if not isinstance(item, dict):
+            raise OtlpDecodeError(f"each {levels[-1][0].removesuffix('s')} must be an object")
+        fix(item)
     try:
-        json_format.ParseDict(payload, request, ignore_unknown_fields=True)
+        json_format.ParseDict(payload, message, ignore_unknown_fields=True)
     except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
-        raise OtlpDecodeError(f"body is not an OTLP JSON ExportTraceServiceRequest: {exc}") from None
-    return request
+        raise OtlpDecodeError(f"body is not an OTLP JSON {what}: {exc}") from None
+    return message
+
+
+def _span_ids_to_base64(span: dict) -> None:
+    _ids_to_base64(span)
+    for link in _each(span, "links"):
+        if isinstance(link, dict):
+            _ids_to_base64(link)
+
+
+def decode_request(data: bytes, encoding: str) -> ExportTraceServiceRequest:
+    return decode_export(data, encoding, ExportTraceServiceRequest(), fix=_span_ids_to_base64,
+                         levels=(("resourceSpans", "resource_spans"), ("scopeSpans", "scope_spans"), ("spans",)))
 
 
 def encode_response(*, rejected: int, message: str, encoding: str) -> bytes:
