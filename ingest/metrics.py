@@ -65,6 +65,13 @@ INGEST_SPANS = Counter("llm_ingest_spans", "Spans received by the ingest service
 INGEST_REJECTIONS = Counter("llm_ingest_rejections", "Spans rejected at validation, by rule", ["rule"])
 OTLP_REQUESTS = Counter("llm_otlp_requests", "OTLP/HTTP export requests answered", ["encoding", "code"])
 OTLP_SPANS = Counter("llm_otlp_spans", "Spans received over OTLP, by span type", ["span_type"])
+# /v1/logs: GenAI events (log records) by what became of them. applied: their span was stored, its empty
+# prompt/response filled; pending: kept until their span lands; merged: a pending one applied when its span
+# landed; dropped: pending ones over OTLP_LOG_PENDING_MAX_ROWS; unmatched: the span id is stored under another
+# trace; rejected: not a GenAI event, or without a trace and span id.
+OTLP_LOG_EVENTS = Counter("llm_otlp_log_events", "GenAI events received over OTLP logs, by outcome", ["outcome"])
+OTLP_LOG_EVENTS_EXPIRED = Counter("llm_otlp_log_events_expired",
+                                  "Pending GenAI events deleted after OTLP_LOG_PENDING_SECONDS without their span")
 SCANNED = Counter("llm_scanned_spans", "Stored spans by PII/injection scan outcome (error: stored unscanned)",
                   ["outcome"])  # clean | flagged | error
 EMBEDDED = Counter("llm_embeddings", "Prompts embedded (once per distinct prompt, whatever its spans)", ["backend"])
@@ -230,6 +237,22 @@ def metrics_record_otlp(*, encoding: str, code: int, span_types: list[str] | Non
                 OTLP_SPANS.labels(span_type if span_type in _BOUNDED_SPAN_TYPES else OTHER).inc(n)
     except Exception:  # noqa: BLE001 - e.g. an unwritable PROMETHEUS_MULTIPROC_DIR: the request goes on
         logging.getLogger(__name__).exception("recording OTLP metrics failed")
+
+
+def metrics_record_log_events(*, outcome: str, count: int) -> None:
+    if count:
+        try:
+            OTLP_LOG_EVENTS.labels(outcome).inc(count)
+        except Exception:  # noqa: BLE001 - as metrics_record_otlp
+            logging.getLogger(__name__).exception("recording OTLP log metrics failed")
+
+
+def metrics_record_log_events_expired(*, count: int) -> None:
+    if count:
+        try:
+            OTLP_LOG_EVENTS_EXPIRED.inc(count)
+        except Exception:  # noqa: BLE001 - as metrics_record_otlp
+            logging.getLogger(__name__).exception("recording OTLP log metrics failed")
 
 
 _BOUNDED_SPAN_TYPES = {"llm", "embedding", "chain", "agent", "tool", "retriever", "reranker", "guardrail",

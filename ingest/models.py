@@ -351,3 +351,35 @@ class UserRollup(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["project", "day", "user_id"], name="userrollup_key")]
+
+
+class PendingContent(models.Model):
+    """GenAI text from OTLP logs (/v1/logs) whose span has not been stored yet (services.span_content).
+
+    Scanned and redacted before it is written here, like a span's prompt. Applied and deleted when
+    the span lands (in the spans' insert transaction); rows past `expires_at`
+    (OTLP_LOG_PENDING_SECONDS) are deleted by the beat, and a project keeps at most
+    OTLP_LOG_PENDING_MAX_ROWS of them (the oldest go first).
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+", db_index=False)
+    trace_id = models.CharField(max_length=128)
+    span_id = models.CharField(max_length=128)
+    prompt = models.TextField(null=True)
+    prompt_pii = models.BooleanField(default=False)
+    prompt_injection = models.BooleanField(default=False)
+    prompt_patterns = models.JSONField(null=True)
+    response = models.TextField(null=True)
+    response_pii = models.BooleanField(default=False)
+    response_injection = models.BooleanField(default=False)
+    response_patterns = models.JSONField(null=True)
+    scan_status = models.CharField(max_length=8, null=True)
+    events = models.PositiveIntegerField(default=1, help_text="log records merged into this row")
+    received_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["project", "span_id"], name="pendingcontent_span"),
+            models.Index(fields=["project", "id"], name="pendingcontent_age"),
+        ]

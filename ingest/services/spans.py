@@ -25,6 +25,7 @@ from ingest.services.pricing import price_table
 from ingest.services.rollups import rollups_add
 from ingest.services.sampling import should_sample
 from ingest.services.scanning import scan_row
+from ingest.services.span_content import content_merge_pending
 from instrumentation_sdk import count_tokens
 
 # Order of the columns in the COPY into the staging table.
@@ -327,6 +328,7 @@ def _copy_and_insert(rows: list[dict]) -> int:
         new_rows = [r for r in rows if (r["project_id"], r["span_id"]) in fresh]
         if new_rows:
             _link_calls_stored(cur, new_rows)
+            content_merge_pending(cursor=cur, rows=new_rows)  # GenAI text from OTLP logs that came first
             # COPY is psycopg's own API, which Django does not wrap: without this its errors (a full
             # disk: psycopg DiskFull) miss the API's 503 handlers and the consumer's retry.
             with connection.wrap_database_errors, cur.copy(_COPY_SQL) as copy:
