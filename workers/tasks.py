@@ -10,6 +10,7 @@ from django.conf import settings
 from ingest.services.embeddings import embeddings_backfill, embeddings_compute
 from ingest.services.partitions import partitions_create_ahead
 from ingest.services.retention import retention_apply
+from ingest.services.span_content import content_pending_maintain
 from workers import heartbeat  # noqa: F401 - registers the worker heartbeat signal
 
 
@@ -19,6 +20,12 @@ def maintain_partitions() -> dict:
     applied = retention_apply()
     return {"created": [d.isoformat() for d in created], "dropped": [d.isoformat() for d in applied["dropped"]],
             "trimmed": applied["trimmed"]}
+
+
+@shared_task(name="maintenance.pending_content", ignore_result=True)
+def maintain_pending_content() -> dict:
+    """GenAI log text still waiting for its span: applied if the span landed meanwhile, else expired."""
+    return content_pending_maintain()
 
 
 @shared_task(

@@ -263,6 +263,20 @@ def test_expired_events_are_deleted_and_counted(post):
     assert counter("llm_otlp_log_events_expired_total") == before + 3
 
 
+def test_the_beat_runs_the_pending_maintenance_every_minute(post):
+    from appliance.celery import app
+    from workers.tasks import maintain_pending_content
+
+    entry = next(e for e in app.conf.beat_schedule.values() if e["task"] == "maintenance.pending_content")
+    assert entry["schedule"] == 60.0 and "maintenance.pending_content" in app.tasks
+    rec, events = Recorder(), Events()
+    events.chat(chat_span(rec))
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    assert maintain_pending_content() == {"merged": 0, "unmatched": 0, "expired": 0}
+    PendingContent.objects.update(expires_at=datetime.now(timezone.utc))
+    assert maintain_pending_content()["expired"] == 3
+
+
 def test_the_sweep_applies_events_whose_span_landed_without_them(post, project):
     # Two transactions racing (the log's lookup and the span's insert each before the other's commit):
     # the span is stored, its text still pending. The beat's sweep joins them.
