@@ -72,6 +72,14 @@ def seeded(transactional_db, settings):
     make_spans(project, 1, start=now - timedelta(hours=1) + timedelta(milliseconds=300), trace_id="trace-tree",
                span_id="agent-tool", parent_span_id="agent-root", model="gpt-4o-mini",
                prompt="Look up parcel 42", latency_ms_total=900)
+    # An agent run: an agent and its tool are not model calls (no tokens, no price, not in the totals).
+    make_spans(project, 1, start=now - timedelta(minutes=40), trace_id="trace-agent", span_id="run-1",
+               kind="agent", name="support_agent", model=None, provider=None, prompt_tokens=None,
+               completion_tokens=None, prompt="Where is parcel 77?", latency_ms_total=1500)
+    make_spans(project, 1, start=now - timedelta(minutes=40) + timedelta(milliseconds=200), trace_id="trace-agent",
+               span_id="run-1-tool", parent_span_id="run-1", kind="tool", name="lookup_parcel", model=None,
+               provider=None, prompt_tokens=None, completion_tokens=None, prompt='{"parcel": 77}',
+               latency_ms_total=400)
     # Ids as hostile as a key holder may send: browsers rewrite '..' in paths, '#' ends a URL, '?' starts one.
     make_spans(project, 1, start=now - timedelta(minutes=30), trace_id=HOSTILE_TRACE, span_id="../root?x=1#y",
                model="gpt-4o", service_name="odd-ids", prompt="hostile ids", latency_ms_total=1000)
@@ -149,14 +157,33 @@ def test_console_in_a_real_browser(live_server, seeded, browser):
     page.select_option("select[name=service]", "search")
     page.click("form.filters button[type=submit]")
     page.wait_for_url(re.compile(r"service=search"))
-    services = page.locator("table.spans tbody tr td:nth-child(2)").all_inner_texts()
+    services = page.locator("table.spans tbody tr td:nth-child(3)").all_inner_texts()
     assert services and set(services) == {"search"}
     shot(page, "03-explorer")
     page.goto(f"{base}/p/shop/traces/trace-tree/?span=agent-tool")
     assert page.locator("table.tree tbody tr").count() == 2
-    assert page.locator("tr.selected").inner_text().startswith("gpt-4o-mini")
+    assert page.locator("tr.selected td a").first.inner_text() == "gpt-4o-mini"
+    expect(page.locator("tr.selected .badge.kind")).to_have_text("llm")
     expect(page.locator("text=Look up parcel 42")).to_be_visible()
     shot(page, "04-trace")
+    # Spans that are not model calls: filtered by kind, named, a styled badge, cost n/a.
+    page.goto(f"{base}/p/shop/spans/?range=24h")
+    page.select_option("select[name=kind]", "TOOL")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url(re.compile(r"kind=TOOL"))
+    rows = page.locator("table.spans tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows.locator("td.span-name")).to_have_text(re.compile(r"^\s*tool\s+lookup_parcel\s*$"))
+    badge = page.evaluate("getComputedStyle(document.querySelector('.badge.kind-tool')).backgroundColor")
+    assert badge == "rgb(255, 241, 229)", badge  # console.css applies (no inline style needed)
+    expect(rows.locator("td.num").nth(1)).to_have_text("n/a")
+    rows.locator("td.nowrap a").click()
+    page.wait_for_url(re.compile(r"span=run-1-tool"))
+    assert page.locator("table.tree tbody tr td a").all_inner_texts() == ["support_agent", "lookup_parcel"]
+    expect(page.locator("section.detail h2")).to_contain_text("lookup_parcel")
+    facts = page.locator("dl.facts").inner_text()
+    assert "n/a" in facts and "no price known" not in facts, facts
+    shot(page, "04b-agent-trace")
     # Hostile ids: from the explorer to the trace, the child selected, bars drawn by console.js.
     page.goto(f"{base}/p/shop/spans/?service=odd-ids")
     page.click("table.spans tbody tr:last-child td a")
