@@ -103,7 +103,7 @@ def _consumer_drain(broker, project, batches: list[list[dict]], env: dict, log: 
     """The consumer alone: a topic filled beforehand, drained by one `run_consumer spans`."""
     from confluent_kafka import Producer
 
-    from ingest.contracts import SpanMessageV1
+    from ingest.contracts import SpanMessage
     from ingest.services.spans import spans_prepare
     from ingest.queues import Topic
 
@@ -113,7 +113,7 @@ def _consumer_drain(broker, project, batches: list[list[dict]], env: dict, log: 
     for items in batches:
         for row in spans_prepare(project=project, items=items).rows:
             producer.produce(str(Topic.SPANS_RAW), key=row["trace_id"].encode(),
-                             value=SpanMessageV1.from_row(row).to_bytes())
+                             value=SpanMessage.from_row(row).to_bytes())
             producer.poll(0)
             total += 1
     assert producer.flush(60) == 0

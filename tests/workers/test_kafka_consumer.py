@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from django.db import OperationalError, connection
 from prometheus_client import REGISTRY
 
-from ingest.contracts import SpanMessageV1
+from ingest.contracts import SpanMessage, span_message_from_bytes
 from ingest.models import Project
 from ingest.queues import Topic
 from ingest.services.spans import spans_prepare
@@ -35,7 +35,7 @@ def _rows(project, prefix: str, n: int) -> list[dict]:
 
 
 def _encoded(rows: list[dict]) -> list[tuple[bytes, bytes]]:
-    return [(r["trace_id"].encode(), SpanMessageV1.from_row(r).to_bytes()) for r in rows]
+    return [(r["trace_id"].encode(), SpanMessage.from_row(r).to_bytes()) for r in rows]
 
 
 def _counts(project) -> tuple[int, int]:
@@ -123,13 +123,13 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
     kafka_broker.create_topics()
     good = _encoded(_rows(project, "good", 20))
     stranger = _rows(project, "stranger", 1)[0] | {"project_id": 987654}
-    wrong_version = (SpanMessageV1.from_row(_rows(project, "v2", 1)[0]).to_bytes()
-                     .replace(b'"version":1', b'"version":2'))
+    wrong_version = (SpanMessage.from_row(_rows(project, "v2", 1)[0]).to_bytes()
+                     .replace(b'"version":2', b'"version":9'))
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), good[:10] + [
         (b"k1", b"\x00\x9f garbage, not JSON"),
         (None, None),
         (b"k3", wrong_version),
-        (stranger["trace_id"].encode(), SpanMessageV1.from_row(stranger).to_bytes()),
+        (stranger["trace_id"].encode(), SpanMessage.from_row(stranger).to_bytes()),
     ] + good[10:])
     consumer = consumer_factory().start()
     wait_for(lambda: _counts(project) == (20, 20), 60, "the valid spans around the poison", consumer)
@@ -139,7 +139,7 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
     assert len(dead) == 4
     assert reasons[b"k1"].startswith("contract: not JSON")
     assert reasons[None].startswith("contract: empty message")
-    assert reasons[b"k3"].startswith("contract: unsupported version 2")
+    assert reasons[b"k3"].startswith("contract: unsupported version 9")
     assert reasons[stranger["trace_id"].encode()].startswith("unknown_project: project 987654")
     original = next(m for m in dead if m.key() == b"k1")
     assert original.value() == b"\x00\x9f garbage, not JSON"  # the original bytes, for replay

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ingest.contracts import SpanMessageV1
+from ingest.contracts import span_message_from_bytes
 from ingest.models import Span
 from ingest.queues import Topic
 from tests.kafka_broker import SESSION_TIMEOUT_MS, TansuBroker, kafka_broker, kafka_mode  # noqa: F401 - fixtures
@@ -35,7 +35,7 @@ def test_accepted_spans_are_on_the_topic_redacted_keyed_by_trace(api, project, k
     assert len(messages) == 5
     decoded = {}
     for m in messages:
-        span = SpanMessageV1.from_bytes(m.value())
+        span = span_message_from_bytes(m.value())
         assert m.key() == span.trace_id.encode()
         decoded[span.span_id] = span
     assert set(decoded) == {f"k-{i}" for i in range(5)}
@@ -76,7 +76,7 @@ def test_broker_down_answers_503_then_ingestion_resumes(api, kafka_mode):
         time.sleep(0.5)
     assert response.status_code == 202, response.content
     messages = kafka_mode.read_all(Topic.SPANS_RAW, expect=3)
-    ids = {SpanMessageV1.from_bytes(m.value()).span_id for m in messages}
+    ids = {span_message_from_bytes(m.value()).span_id for m in messages}
     assert {"during-0", "during-1", "during-2"} <= ids
 
 
@@ -96,7 +96,7 @@ def test_after_a_broker_restart_that_outlasted_a_request_the_next_request_is_acc
         broker.start()
         response = api.post("/v1/spans", _spans("during", 2))
         assert response.status_code == 202, response.content
-        ids = {SpanMessageV1.from_bytes(m.value()).span_id for m in broker.read_all(Topic.SPANS_RAW, expect=4)}
+        ids = {span_message_from_bytes(m.value()).span_id for m in broker.read_all(Topic.SPANS_RAW, expect=4)}
         assert ids == {"before-0", "before-1", "during-0", "during-1"}
     finally:
         producer_close(timeout=2)
@@ -119,7 +119,7 @@ def test_a_span_over_kafkas_default_message_size_goes_through(api, kafka_mode):
     response = api.post("/v1/spans", [{"span_id": "big", "prompt": big}])
     assert response.status_code == 202, response.content[:500]
     [message] = kafka_mode.read_all(Topic.SPANS_RAW, expect=1)
-    assert SpanMessageV1.from_bytes(message.value()).prompt == big.strip()
+    assert span_message_from_bytes(message.value()).prompt == big.strip()
 
 
 def test_a_span_too_large_for_a_message_is_413_not_retried(api, kafka_mode, monkeypatch):
