@@ -26,8 +26,8 @@ set_hypothesis_home_dir(str(django_settings.DATA_DIR / "hypothesis"))
 # Query parameters of each project page (path under /p/<name>/).
 PAGES = {
     "": ["range", "start", "end"],
-    "spans/": ["range", "start", "end", "service", "model", "provider", "status", "user", "session", "trace",
-               "flag", "q", "sort", "page"],
+    "spans/": ["range", "start", "end", "service", "model", "provider", "status", "kind", "user", "session",
+               "trace", "flag", "q", "sort", "page"],
     "security/": ["range", "start", "end"],
     "similar/": ["text", "span", "service", "range", "start", "end", "k"],
     "trace/": ["id", "span"],
@@ -44,7 +44,7 @@ HOSTILE = [
     "9999-12-31", "9999-12-31T23:59:59", "9999-12-31T23:59:59-14:00", "9999-12-31T23:59:59+14:00",
     "2024-02-30T25:61:61", "2024-01-01T00:00:00+99:99", "1970-01-01T00:00:00Z", "-1", "0", "-999999999999",
     "99999999999999999999999999999", "1e308", "1e309", "NaN", "-inf", "0x10", "1.5", "custom", "24h", "30d",
-    "time", "cost", "flagged", "success", "[]", "{}", "x" * 129,
+    "time", "cost", "flagged", "success", "tool", " LLM ", "[]", "{}", "x" * 129,
 ]
 # Query strings no dict can express: broken percent-encoding, repeated and empty names.
 RAW_QUERIES = [
