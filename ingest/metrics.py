@@ -118,6 +118,10 @@ def labels_reset() -> None:
 
 
 def _is_llm_row(row: dict) -> bool:
+    if not counts_as_call(row):
+        return False
+    if row.get("kind") in MODEL_CALL_KINDS:
+        return True
     metadata = row.get("metadata")
     return not metadata or metadata.get("otel.span_type") in _LLM_SPAN_TYPES
 
@@ -125,10 +129,6 @@ def _is_llm_row(row: dict) -> bool:
 def metrics_record_rows(rows: list[dict]) -> None:
     """Count stored span rows. One increment per label set, not per span: cheap on big batches."""
     spans: Tally = Tally()
-    if not counts_as_call(row):
-        return False
-    if row.get("kind") in MODEL_CALL_KINDS:
-        return True
     tokens: Tally = Tally()
     cost: Tally = Tally()
     pii: Tally = Tally()
