@@ -24,6 +24,14 @@ BIND_HOST = env_str("BIND_HOST", "127.0.0.1")
 BINDS_BEYOND_LOOPBACK = not is_loopback(BIND_HOST)
 RETENTION_DAYS = env_int("RETENTION_DAYS", 30, minimum=1, maximum=3650)
 PARTITIONS_AHEAD_DAYS = env_int("PARTITIONS_AHEAD_DAYS", 3, minimum=1, maximum=60)
+# OTLP logs: GenAI text whose span has not arrived waits this long, at most this many rows a project
+# (the oldest are dropped first, counted in llm_otlp_log_events_total{outcome="dropped"}).
+OTLP_LOG_PENDING_SECONDS = env_int("OTLP_LOG_PENDING_SECONDS", 600, minimum=1, maximum=86_400)
+OTLP_LOG_PENDING_MAX_ROWS = env_int("OTLP_LOG_PENDING_MAX_ROWS", 100_000, minimum=1, maximum=100_000_000)
+# Prometheus's OTLP receiver (Prometheus started with --web.enable-otlp-receiver), e.g.
+# http://127.0.0.1:9090/api/v1/otlp/v1/metrics; unset: /v1/metrics answers that metrics are not stored.
+PROMETHEUS_OTLP_URL = env_url("PROMETHEUS_OTLP_URL", schemes=("http", "https")) or ""
+PROMETHEUS_OTLP_TIMEOUT_SECONDS = env_int("PROMETHEUS_OTLP_TIMEOUT_SECONDS", 3, minimum=1, maximum=30)
 
 
 def _secret_key() -> str:
