@@ -248,3 +248,49 @@ def test_instrument_client_covers_embeddings(memory, fake):
     client.embeddings.create(model="text-embedding-3-small", input="hello there")
     (span,) = memory.spans
     assert span["kind"] == "EMBEDDING" and span["prompt_tokens"] == 2
+
+
+# --- against a real appliance ----------------------------------------------------------------
+
+
+def test_the_sdks_kinds_are_the_appliances():
+    from ingest.kinds import SPAN_KINDS as APPLIANCE_KINDS
+
+    assert SPAN_KINDS == APPLIANCE_KINDS
+
+
+def test_kinds_names_and_embeddings_land_in_the_appliance(appliance, fake):
+    import uuid
+
+    if not HAS_OPENAI:
+        pytest.skip("openai is not installed")
+    import openai
+
+    service = f"sdk-kinds-{uuid.uuid4().hex[:8]}"
+    sdk.configure(url=appliance.url, api_key=appliance.key, service_name=service, flush_interval=0.05)
+    reporter = sdk.SpanReporter()
+    sdk.set_reporter(reporter)
+    sdk.init_auto_instrumentation()
+    client = openai.OpenAI(base_url=fake.openai_url, api_key="sk-test", max_retries=0)
+
+    @llm_observe(kind="agent", name="support_agent")
+    def agent():
+        with llm_span(kind="tool", name="lookup_order", span_type="ignored-here"):
+            pass
+        client.embeddings.create(model="text-embedding-3-small", input="where is my parcel")
+
+    agent()
+    with llm_span(model="gpt-4o", span_type="llm", prompt_tokens=10, completion_tokens=5):
+        pass
+    assert reporter.flush(10)
+    items = {i["name"] or i["kind"]: i for i in appliance.wait_for_spans(4, service=service)}
+    assert set(items) == {"support_agent", "lookup_order", "embeddings text-embedding-3-small", "LLM"}
+    root, tool = items["support_agent"], items["lookup_order"]
+    assert root["kind"] == "AGENT" and root["cost_status"] == "not_applicable"
+    assert tool["kind"] == "TOOL" and tool["parent_span_id"] == root["span_id"]
+    assert tool["cost_status"] == "not_applicable" and tool["metadata"] == {"span_type": "ignored-here"}
+    emb = items["embeddings text-embedding-3-small"]
+    assert emb["kind"] == "EMBEDDING" and emb["cost_status"] == "priced"
+    assert emb["completion_tokens"] == 0 and emb["cost_usd_micro"] == 0  # 4 tokens x $0.02/1M rounds to 0
+    assert emb["price_version"] == "2026-12-03"
+    assert items["LLM"]["kind"] == "LLM" and items["LLM"]["cost_status"] == "priced"
