@@ -6,8 +6,13 @@ including SSE streaming with usage blocks, and fails on demand:
 - model name containing "error-429" / "error-500" / "error-400": that HTTP error, in the
   provider's error JSON shape;
 - model name containing "midstream-error": the stream breaks after two chunks;
-- model name containing "tools": the answer is a tool call;
+- model name containing "tools": the answer is a tool call (plain text once the conversation carries the
+  tool's result, so an agent loop ends);
 - model name containing "slow": the answer starts after 1.5 s.
+
+`/v1/embeddings` answers 8-dimensional vectors (floats, or base64 as the OpenAI client asks by default).
+`FakeProvider(served_suffix="-2024-07-18")` makes OpenAI answers name a dated snapshot of the requested model,
+as the real API does (the default "-2024-fake" keeps it obviously fake).
 
 Every request is recorded (`server.requests`) so tests can count what reached the provider.
 
@@ -17,8 +22,10 @@ Every request is recorded (`server.requests`) so tests can count what reached th
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -124,6 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(code, {"error": {"message": f"fake {code}", "type": kind, "code": kind}})
         if path.endswith("/chat/completions"):
             return self._chat(body)
+        if path.endswith("/embeddings"):
+            return self._embeddings(body)
         if path.endswith("/responses"):
             return self._responses(body)
         if anthropic:
@@ -143,8 +152,11 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens_details": {"reasoning_tokens": USAGE["reasoning"], "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
-        tools = "tools" in model
-        served_model = f"{model}-2024-fake" if not model.endswith("-fake") else model
+        messages = body.get("messages") or []
+        tools = "tools" in model and not (messages and isinstance(messages[-1], dict)
+                                          and messages[-1].get("role") == "tool")
+        suffix = self.server.served_suffix
+        served_model = f"{model}{suffix}" if not model.endswith(suffix) else model
         if not body.get("stream"):
             message: dict = {"role": "assistant", "content": None if tools else ANSWER, "refusal": None}
             if tools:
@@ -174,6 +186,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._event({**base, "choices": [], "usage": usage})
         self._event("[DONE]")
         self._end_sse()
+
+    # -- OpenAI embeddings ---------------------------------------------------------------
+
+    def _embeddings(self, body: dict) -> None:
+        model = body.get("model") or "text-embedding-3-small"
+        inputs = body.get("input")
+        inputs = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        data = []
+        for index, text in enumerate(inputs):
+            seed = sum(str(text).encode()) or 1
+            vector = [((seed * (i + 1)) % 97) / 97.0 for i in range(8)]
+            embedding: Any = vector
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(max(1, len(str(t).split())) for t in inputs)
+        self._json(200, {"object": "list", "data": data, "model": model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- OpenAI responses ----------------------------------------------------------------
 
@@ -230,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         mid = f"msg_{uuid.uuid4().hex[:12]}"
         usage = {"input_tokens": USAGE["prompt"] - USAGE["cached"], "output_tokens": USAGE["completion"],
                  "cache_read_input_tokens": USAGE["cached"], "cache_creation_input_tokens": 0}
-        tools = "tools" in model
+        tools = "tools" in model and not _ends_with_tool_result(body.get("messages") or [])
         if not body.get("stream"):
             content = [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}] \
                 if tools else [{"type": "text", "text": ANSWER}]
@@ -259,6 +289,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._end_sse()
 
 
+def _ends_with_tool_result(messages: list) -> bool:
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or not isinstance(last.get("content"), list):
+        return False
+    return any(isinstance(part, dict) and part.get("type") == "tool_result" for part in last["content"])
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -266,6 +303,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.requests: list[dict] = []
+        self.served_suffix = "-2024-fake"
         self._lock = threading.Lock()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -277,8 +315,9 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeProvider:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, served_suffix: str = "-2024-fake") -> None:
         self.server = _Server((host, port), _Handler)
+        self.server.served_suffix = served_suffix
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
         self.openai_url = f"{self.url}/v1"
