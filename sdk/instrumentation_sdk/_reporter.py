@@ -1066,7 +1066,9 @@ class SpanReporter:
     @staticmethod
     def _normalise_kind(span: dict) -> None:
         """A kind in any case becomes the canonical one; one the appliance would reject, or a 1.8.1
-        span_type naming none, is kept as metadata instead of costing the span."""
+        span_type naming none, is kept as metadata instead of costing the span. (A refused kind goes
+        to metadata "unknown_kind", not "kind": the Kafka consumer promotes a metadata "kind" to the
+        field, as the SDK's version-1 messages carry it there, and would refuse the span.)"""
         given = {key: span.pop(key) for key in ("kind", "span_type") if key in span}
         chosen = None
         for key, value in given.items():  # kind first: it wins over span_type
@@ -1076,7 +1078,8 @@ class SpanReporter:
         for key, value in given.items():
             if key != chosen and value is not None:
                 meta = span.get("metadata")
-                span["metadata"] = {**(meta if isinstance(meta, dict) else {}), key: value}
+                name = "unknown_kind" if key == "kind" else key
+                span["metadata"] = {**(meta if isinstance(meta, dict) else {}), name: value}
 
     @staticmethod
     def _scan_content(span: dict, scanned: bool, cfg: Config) -> None:

@@ -178,7 +178,7 @@ def test_manual_reports_carry_kind_and_name_to_the_appliance(delivered, sink):
     assert spans["k1"]["kind"] == "TOOL" and spans["k1"]["name"] == "n" * 500
     assert spans["k2"]["kind"] == "CHAIN" and "span_type" not in spans["k2"]
     # a kind the appliance would refuse is kept as metadata; a valid span_type then decides
-    assert spans["k3"]["kind"] == "RETRIEVER" and spans["k3"]["metadata"] == {"a": 1, "kind": "hammer"}
+    assert spans["k3"]["kind"] == "RETRIEVER" and spans["k3"]["metadata"] == {"a": 1, "unknown_kind": "hammer"}
     assert "kind" not in spans["k4"] and spans["k4"]["metadata"] == {"span_type": "completion"}
 
 
@@ -294,3 +294,25 @@ def test_kinds_names_and_embeddings_land_in_the_appliance(appliance, fake):
     assert emb["completion_tokens"] == 0 and emb["cost_usd_micro"] == 0  # 4 tokens x $0.02/1M rounds to 0
     assert emb["price_version"] == "2026-12-03"
     assert items["LLM"]["kind"] == "LLM" and items["LLM"]["cost_status"] == "priced"
+
+
+def test_kind_and_name_cross_the_kafka_transport(delivered):
+    """The SDK's Kafka messages are version 1: kind and name ride in metadata, the consumer promotes them."""
+    from ingest.contracts import span_message_from_bytes
+    from instrumentation_sdk import _kafka
+    from instrumentation_sdk._reporter import EXTERNAL
+    from workers.consumers.spans import _client_span
+
+    reporter = sdk.get_reporter()
+    cfg = sdk.get_config()
+    span = {"span_id": "kf-1", "trace_id": "t-kf", "service_name": "svc", "kind": "Tool", "name": "lookup",
+            "metadata": {"team": "a"}}
+    refused = {"span_id": "kf-2", "trace_id": "t-kf", "kind": "hammer", "span_type": "retriever"}
+    rows = []
+    for item in (span, refused):
+        _, body = reporter._prepare(dict(item), EXTERNAL, cfg)
+        _, value = _kafka.encode(body, _kafka.now_iso())
+        rows.append(_client_span(span_message_from_bytes(value).to_row()))
+    assert rows[0]["kind"] == "TOOL" and rows[0]["name"] == "lookup" and rows[0]["metadata"] == {"team": "a"}
+    # a kind the appliance would refuse stays metadata under a key the consumer does not promote
+    assert rows[1]["kind"] == "RETRIEVER" and rows[1]["metadata"] == {"unknown_kind": "hammer"}
