@@ -2,8 +2,8 @@
 
 `kind` says what a span is (LLM, CHAIN, TOOL, AGENT, RETRIEVER, EMBEDDING, RERANKER,
 GUARDRAIL, EVALUATOR, UNKNOWN): only model calls are priced. `response_id` is the
-provider's id of the answer; when two spans of a trace carry the same one (an
-instrumentation's span beside the client library's own), the later is stored with
+provider's id of the answer; when two spans carry the same one (an instrumentation's
+span beside the client library's own, in one trace or started together), the later is stored with
 `duplicate_of` naming the first and without tokens or cost, so the call is counted once.
 
 Adding nullable columns to the partitioned table touches no row. The kind index serves
@@ -19,7 +19,7 @@ ALTER TABLE ingest_span ADD COLUMN IF NOT EXISTS kind varchar(16) NULL;
 ALTER TABLE ingest_span ADD COLUMN IF NOT EXISTS response_id varchar(200) NULL;
 ALTER TABLE ingest_span ADD COLUMN IF NOT EXISTS duplicate_of varchar(128) NULL;
 CREATE INDEX IF NOT EXISTS ingest_span_kind ON ingest_span (project_id, kind, timestamp_utc DESC);
-CREATE INDEX IF NOT EXISTS ingest_span_response ON ingest_span (project_id, trace_id, response_id)
+CREATE INDEX IF NOT EXISTS ingest_span_response ON ingest_span (project_id, response_id, timestamp_utc)
     WHERE response_id IS NOT NULL;
 """
 

@@ -34,6 +34,11 @@ PROVIDER_ALIASES = {
     "meta-llama": "meta",
     "meta_llama": "meta",
     "llama": "meta",
+    "cohere": "cohere",
+    "cohere_ai": "cohere",
+    "voyage": "voyage",
+    "voyageai": "voyage",
+    "voyage_ai": "voyage",
 }
 
 _BEDROCK_REGIONS = {"us", "eu", "apac", "global"}

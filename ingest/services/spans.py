@@ -126,10 +126,22 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
     return result
 
 
+# Two spans with the same response id are one call when they are in one trace, or (two
+# instrumentations that each start their own trace, e.g. OpenLLMetry beside the anthropic SDK's own
+# tracing) when they started this close together. Response ids are unique per call, but a cache
+# in front of the provider may hand the same answer, id included, to later calls.
+_SAME_CALL_OTHER_TRACE = timedelta(minutes=2)
+
+
 def _call_key(row: dict) -> tuple | None:
     if not row["response_id"] or not is_model_call(row["kind"], row["model"]):
         return None
-    return row["project_id"], row["trace_id"], row["response_id"]
+    return row["project_id"], row["response_id"]
+
+
+def _same_call(carrier: dict, row: dict) -> bool:
+    return (carrier["trace_id"] == row["trace_id"]
+            or abs(carrier["timestamp_utc"] - row["timestamp_utc"]) <= _SAME_CALL_OTHER_TRACE)
 
 
 def _carrier_rank(row: dict) -> tuple:
@@ -146,13 +158,21 @@ def _link_calls_in_batch(rows: list[dict]) -> None:
         if key is not None:
             calls.setdefault(key, []).append(row)
     for same in calls.values():
-        ids = {row["span_id"] for row in same}
-        if len(ids) < 2:
+        if len({row["span_id"] for row in same}) < 2:
             continue
         same.sort(key=_carrier_rank)
+        carrier = same[0]
         for row in same[1:]:
-            if row["span_id"] != same[0]["span_id"]:
-                span_mark_duplicate(row, of=same[0]["span_id"])
+            if row["span_id"] != carrier["span_id"] and _same_call(carrier, row):
+                _inherit(carrier, row)
+                span_mark_duplicate(row, of=carrier["span_id"])
+
+
+def _inherit(carrier: dict, duplicate: dict) -> None:
+    # What only the other span saw of the call (the client library's own span times the first chunk).
+    for name in ("latency_ms_ttft", "finish_reason"):
+        if carrier[name] is None and duplicate[name] is not None:
+            carrier[name] = duplicate[name]
 
 
 def span_mark_duplicate(row: dict, *, of: str) -> None:
@@ -252,7 +272,8 @@ def span_tokens_and_cost(row: dict, *, prices) -> None:
     if row["duplicate_of"] or not is_model_call(row["kind"], row["model"]):
         row["cost_usd_micro"] = row["price_version"] = None
         return
-    if row["prompt_tokens"] is None and row["completion_tokens"] is None:
+    # A failed call was not billed (a 400, a timeout): nothing to estimate.
+    if row["prompt_tokens"] is None and row["completion_tokens"] is None and row["status"] != "error":
         _estimate_tokens(row)
     cost = prices.cost(provider=row["provider"], model=row["model"], prompt_tokens=row["prompt_tokens"],
                        completion_tokens=row["completion_tokens"], cached_tokens=row["cached_tokens"])
@@ -343,14 +364,16 @@ def _copy_and_insert(rows: list[dict]) -> int:
 
 # Spans stored earlier (another batch) that carry the tokens and cost of a call.
 _CARRIERS_SQL = """
-SELECT k.p, k.t, k.r, min(s.span_id)
-FROM jsonb_to_recordset(%s::jsonb) AS k(p bigint, t varchar, r varchar, lo timestamptz, hi timestamptz)
-JOIN ingest_span s ON s.project_id = k.p AND s.trace_id = k.t AND s.response_id = k.r
-    AND s.duplicate_of IS NULL AND s.timestamp_utc BETWEEN k.lo AND k.hi
-GROUP BY k.p, k.t, k.r
+SELECT k.i, min(s.span_id)
+FROM jsonb_to_recordset(%s::jsonb) AS k(i int, p bigint, t varchar, r varchar, lo timestamptz, hi timestamptz,
+                                        near_lo timestamptz, near_hi timestamptz)
+JOIN ingest_span s ON s.project_id = k.p AND s.response_id = k.r AND s.duplicate_of IS NULL
+    AND s.timestamp_utc BETWEEN k.lo AND k.hi
+    AND (s.trace_id = k.t OR s.timestamp_utc BETWEEN k.near_lo AND k.near_hi)
+GROUP BY k.i
 """
-# Two spans of one call are at most this far apart (the second is usually the same call seen by
-# a second instrumentation); the bound keeps the lookup on a few partitions.
+# Two spans of one trace with the same response id are at most this far apart (the second is the
+# same call seen by a second instrumentation); the bound keeps the lookup on a few partitions.
 _CALL_WINDOW = timedelta(days=1)
 
 
@@ -362,12 +385,14 @@ def _link_calls_stored(cur, rows: list[dict]) -> None:
     # Two batches carrying the two spans of one call must not both see no carrier: one waits.
     for key in sorted({key for key, _ in keyed}):
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 13))", [orjson.dumps(key).decode()])
-    lookup = [{"p": key[0], "t": key[1], "r": key[2], "lo": row["timestamp_utc"] - _CALL_WINDOW,
-               "hi": row["timestamp_utc"] + _CALL_WINDOW} for key, row in keyed]
+    lookup = [{"i": i, "p": key[0], "r": key[1], "t": row["trace_id"],
+               "lo": row["timestamp_utc"] - _CALL_WINDOW, "hi": row["timestamp_utc"] + _CALL_WINDOW,
+               "near_lo": row["timestamp_utc"] - _SAME_CALL_OTHER_TRACE,
+               "near_hi": row["timestamp_utc"] + _SAME_CALL_OTHER_TRACE} for i, (key, row) in enumerate(keyed)]
     cur.execute(_CARRIERS_SQL, [orjson.dumps(lookup).decode()])
-    carriers = {(p, t, r): span_id for p, t, r, span_id in cur.fetchall()}
-    for key, row in keyed:
-        carrier = carriers.get(key)
+    carriers = dict(cur.fetchall())
+    for i, (_, row) in enumerate(keyed):
+        carrier = carriers.get(i)
         if carrier is not None and carrier != row["span_id"]:
             span_mark_duplicate(row, of=carrier)
 

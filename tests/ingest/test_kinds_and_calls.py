@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from django.db.models import Sum
@@ -91,14 +92,19 @@ def test_provider_tokens_are_never_labelled_estimated(api, prices):
     assert (got["prompt_tokens"], got["token_count_method"], got["cost_status"]) == (7, "provider", "priced")
 
 
-def _call_pair(trace="trace-dup", response_id="msg_01"):
+def _at(hours_ago: float, ms: int = 0) -> str:
+    return (datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+            - timedelta(hours=hours_ago) + timedelta(milliseconds=ms)).isoformat()
+
+
+def _call_pair(trace="trace-dup", response_id="msg_01", hours_ago=2):
     # The anthropic SDK's own span and an instrumentation's span of the same call.
     native = span(trace_id=trace, name="anthropic.messages.create", model="claude-3-5-haiku-20241022",
                   provider="anthropic", prompt_tokens=31, completion_tokens=19, response_id=response_id,
-                  timestamp_utc="2026-12-03T10:00:00.000+00:00")
+                  timestamp_utc=_at(hours_ago))
     instrumented = span(trace_id=trace, name="Messages", kind="LLM", model="claude-3-5-haiku-20241022",
                         provider="anthropic", prompt_tokens=31, completion_tokens=19, response_id=response_id,
-                        timestamp_utc="2026-12-03T10:00:00.002+00:00", parent_span_id=native["span_id"])
+                        timestamp_utc=_at(hours_ago, ms=2), parent_span_id=native["span_id"])
     return native, instrumented
 
 
@@ -124,8 +130,8 @@ def test_two_spans_of_one_call_cost_once(api, prices, project, batches):
 
 
 def test_same_response_id_in_other_traces_or_projects_is_another_call(api, prices, project):
-    a, _ = _call_pair(trace="trace-a")
-    b, _ = _call_pair(trace="trace-b")
+    a, _ = _call_pair(trace="trace-a", hours_ago=5)
+    b, _ = _call_pair(trace="trace-b", hours_ago=3)
     assert api.post("/v1/spans", [a, b]).status_code == 202
     assert _read(api, a["span_id"])["duplicate_of"] is None
     assert _read(api, b["span_id"])["duplicate_of"] is None
@@ -146,3 +152,53 @@ def test_spans_list_filters_by_kind(api):
     assert kinds == ["TOOL"]
     bad = api.get("/v1/spans", {"kind": "banana"})
     assert bad.status_code == 400 and bad.json()["field"] == "kind"
+
+
+def test_a_failed_call_gets_no_estimated_tokens(api, prices):
+    sent = span(model="gpt-4o-mini", provider="openai", status="error", prompt="Summarise this", response=None,
+                error_type="BadRequestError")
+    assert api.post("/v1/spans", sent).status_code == 202
+    got = _read(api, sent["span_id"])
+    assert got["prompt_tokens"] is None and got["token_count_method"] is None and got["cost_status"] == "no_tokens"
+
+
+def test_the_carrier_keeps_what_only_the_duplicate_saw(api, prices):
+    native, instrumented = _call_pair(trace="trace-ttft", response_id="msg_ttft")
+    native.update(latency_ms_ttft=None)
+    instrumented.update(latency_ms_ttft=240.0, finish_reason="end_turn")
+    assert api.post("/v1/spans", [native, instrumented]).status_code == 202
+    carrier = _read(api, native["span_id"])
+    assert carrier["latency_ms_ttft"] == 240.0 and carrier["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("batches", ["one batch", "two batches"])
+def test_one_call_in_two_traces_started_together_costs_once(api, prices, project, batches):
+    # OpenLLMetry's span and the anthropic SDK's own span of one call land in two traces.
+    native, instrumented = _call_pair(trace="trace-one", response_id="msg_2traces")
+    instrumented["trace_id"] = "trace-two"
+    if batches == "one batch":
+        assert api.post("/v1/spans", [native, instrumented]).status_code == 202
+    else:
+        assert api.post("/v1/spans", native).status_code == 202
+        assert api.post("/v1/spans", instrumented).status_code == 202
+    assert _read(api, instrumented["span_id"])["duplicate_of"] == native["span_id"]
+    assert _totals(project)["spans"] == 1
+
+
+def test_a_cached_answer_hours_later_is_another_call(api, prices, project):
+    # A cache in front of the provider may return the same response id again, to another trace.
+    first, later = _call_pair(trace="trace-early", response_id="msg_cached", hours_ago=4)
+    later.update(trace_id="trace-late", timestamp_utc=_at(1), parent_span_id=None)
+    assert api.post("/v1/spans", [first, later]).status_code == 202
+    assert _read(api, later["span_id"])["duplicate_of"] is None
+    assert _totals(project)["spans"] == 2
+
+
+def test_sdk_kafka_messages_carry_kind_and_name_as_metadata_the_consumer_promotes():
+    from workers.consumers.spans import _client_span
+
+    span = _client_span({"span_id": "s", "trace_id": "t", "metadata": {"kind": "tool", "name": "search", "a": 1}})
+    assert (span["kind"], span["name"], span["metadata"]) == ("tool", "search", {"a": 1})
+    # A user's own "kind" that names no kind stays metadata: the span must not be refused for it.
+    span = _client_span({"span_id": "s", "trace_id": "t", "metadata": {"kind": "summary"}})
+    assert "kind" not in span and span["metadata"] == {"kind": "summary"}

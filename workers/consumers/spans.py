@@ -22,6 +22,7 @@ from django.db import DatabaseError, DataError, IntegrityError, close_old_connec
 
 from ingest import kafka_metrics as metrics
 from ingest.contracts import HEADER_KEY, HEADER_ORIGIN, PROJECT_FROM_KEY, ContractError, span_message_from_bytes
+from ingest.kinds import kind_normalize
 from ingest.metrics import metrics_record_ingest
 from ingest.models import Project
 from ingest.queues import Topic
@@ -76,7 +77,9 @@ def _client_span(row: dict) -> dict:
     if isinstance(metadata, dict) and any(key in metadata for key in _PROMOTED):
         metadata = dict(metadata)
         for key in _PROMOTED:
-            if key in metadata and key not in span:
+            # A user's own metadata "kind" that names no kind stays metadata (it would fail validation).
+            if key in metadata and key not in span and isinstance(metadata[key], str) and (
+                    key != "kind" or kind_normalize(metadata[key]) is not None):
                 span[key] = metadata.pop(key)
         span["metadata"] = metadata or None
     return span
