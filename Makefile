@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-faults bench check fuzz sdk-patterns vendor
+.PHONY: install run test test-faults test-interop-matrix bench check fuzz sdk-patterns vendor
 
 $(STAMP): pyproject.toml sdk/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "llm-observe needs Python 3.11 or newer")'
@@ -37,6 +37,14 @@ test: install
 ## database restart under load; the database's disk filling up (needs root for a tmpfs mount).
 test-faults: install
 	$(PY) -m pytest -m faults
+
+## The interop matrix (CI runs it after the fault tests): each instrumentation library users run
+## (OpenInference, OpenLLMetry, openlit, the OpenTelemetry openai-v2, pydantic-ai, Node.js) in its own
+## virtualenv (cached in .data/interop-venvs, installed from tests/interop/matrix/libs/*/requirements.txt)
+## calls a local fake provider and exports to a running appliance; every stored field is checked.
+## The table lands in test-output/interop-matrix.md.
+test-interop-matrix: install
+	DATA_DIR=$(CURDIR)/.data-matrix $(PY) -m pytest tests/interop/matrix -m interop_matrix -q
 
 ## Long fuzzing (not part of `make test`, which runs the same tests for seconds with a fixed seed):
 ## schemathesis over the whole OpenAPI with both key styles, FUZZ_SECONDS each, new seed each run.
