@@ -75,14 +75,15 @@ _INPUT_TOKENS = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm
                  "llm.usage.prompt_tokens")
 _OUTPUT_TOKENS = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens", "llm.token_count.completion",
                   "llm.usage.completion_tokens")
+# gen_ai.usage.details.*: pydantic-ai's usage details (its cache_read_tokens repeats cache_read.input_tokens).
 _CACHE_READ = ("gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens",
-               "llm.token_count.prompt_details.cache_read")
+               "llm.token_count.prompt_details.cache_read", "gen_ai.usage.details.cache_read_tokens")
 # cache_write.input_tokens: the anthropic SDK's own instrumentation (2.x).
 _CACHE_WRITE = ("gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_write.input_tokens",
                 "gen_ai.usage.cache_creation_input_tokens",
-                "llm.token_count.prompt_details.cache_write")
+                "llm.token_count.prompt_details.cache_write", "gen_ai.usage.details.cache_write_tokens")
 _REASONING = ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens",
-              "llm.token_count.completion_details.reasoning")
+              "llm.token_count.completion_details.reasoning", "gen_ai.usage.details.reasoning_tokens")
 _MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model", "llm.model_name", "llm.response.model_name",
                "llm.request.model_name", "llm.response.model", "llm.request.model", "embedding.model_name",
                "reranker.model_name")
@@ -101,9 +102,10 @@ _SCOPE_PROVIDERS = {"openai": "openai", "openai_v2": "openai", "anthropic": "ant
 _PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
 _USER_KEYS = ("user.id", "enduser.id", "gen_ai.user.id")
 _SESSION_KEYS = ("session.id", "gen_ai.conversation.id", "conversation.id")
-# In seconds. openlit's gen_ai.server.time_to_first_token is also set on calls that did not stream.
+# In seconds. openlit's gen_ai.server.time_to_first_token is also set on calls that did not stream;
+# pydantic-ai's gen_ai.client.operation.time_to_first_chunk only on streamed requests.
 _TTFT_SECONDS = ("gen_ai.response.time_to_first_chunk", "gen_ai.response.time_to_first_token",
-                 "gen_ai.server.time_to_first_token")
+                 "gen_ai.server.time_to_first_token", "gen_ai.client.operation.time_to_first_chunk")
 # Events at the first chunk: OpenInference's openai instrumentation ("First Token Stream Event"); OpenLLMetry
 # adds one chunk event per chunk (the earliest counts); the rest are spellings seen in hand-made spans.
 _FIRST_CHUNK_EVENTS = frozenset({"First Token Stream Event", "gen_ai.content.completion.chunk",
@@ -114,6 +116,39 @@ _FIRST_CHUNK_EVENTS = frozenset({"First Token Stream Event", "gen_ai.content.com
 TTFT_UNSTREAMED_KEY = "llm_observe.ttft_unstreamed_ms"
 # error.type as the library sent it, when error_type keeps only the class name ("openai.BadRequestError").
 ERROR_TYPE_QUALIFIED_KEY = "error.type.qualified"
+# The anthropic SDK's own spans (2.x, scope com.anthropic.sdk.python) say error.type in the API's words (the
+# error envelope's type, else the status code); every other library names the exception class. The SDK raises
+# by status code (anthropic._error_classes.ERROR_CLASSES), so the status, when the span has it, says which.
+_ANTHROPIC_STATUS_ERRORS = {
+    400: "BadRequestError", 401: "AuthenticationError", 402: "PaymentRequiredError", 403: "PermissionDeniedError",
+    404: "NotFoundError", 408: "RequestTimeoutError", 409: "ConflictError", 412: "PreconditionFailedError",
+    413: "ContentTooLargeError", 422: "UnprocessableEntityError", 429: "RateLimitError",
+    431: "RequestHeaderFieldsTooLargeError", 499: "ClientClosedRequestError", 501: "HTTPNotImplementedError",
+    503: "ServiceUnavailableError", 504: "GatewayTimeoutError", 529: "OverloadedError",
+}
+# The API's error types (anthropic.types.shared.ErrorType, and request_too_large) by the status they come with;
+# 2.x names the 413 class ContentTooLargeError (RequestTooLargeError is its deprecated alias).
+_ANTHROPIC_API_ERRORS = {
+    "invalid_request_error": "BadRequestError", "authentication_error": "AuthenticationError",
+    "billing_error": "PaymentRequiredError", "permission_error": "PermissionDeniedError",
+    "not_found_error": "NotFoundError", "request_too_large": "ContentTooLargeError",
+    "rate_limit_error": "RateLimitError", "timeout_error": "GatewayTimeoutError", "api_error": "InternalServerError",
+    "overloaded_error": "OverloadedError", "conflict_error": "ConflictError",
+    # the SDK's own words for failures without a response
+    "client_timeout_error": "APITimeoutError", "connection_error": "APIConnectionError",
+}
+# Finish reasons of the GenAI conventions that schemas.FINISH_REASON_ALIASES does not spell (pydantic-ai).
+_FINISH_REASON_EXTRA_ALIASES = {"tool_call": "tool_calls"}
+# A GenAI span's name is "{gen_ai.operation.name} {gen_ai.request.model}". openlit (1.45) sends a failed
+# anthropic call's span with no attributes at all: its name and its scope are all that say what it was.
+_SPAN_NAME_OPERATION = re.compile(r"^(chat|text_completion|generate_content|embeddings) (\S{1,200})$")
+SPAN_NAME_RECOVERED_KEY = "llm_observe.recovered_from_span_name"
+# openlit's anthropic instrumentation sends Anthropic's own input_tokens, which leave the cache reads and writes
+# out (its utils.py says so); the conventions count them in. Its openai instrumentation counts a stream without
+# usage itself (general_tokens) and sends that as gen_ai.usage.* as if the provider had said it.
+_OPENLIT_ANTHROPIC_SCOPE = "openlit.instrumentation.anthropic"
+_OPENLIT_OPENAI_SCOPE = "openlit.instrumentation.openai"
+LIBRARY_TOKEN_ESTIMATE_KEY = "llm_observe.library_token_estimate"
 _RETRIEVED_DOCUMENTS_LIMIT = 20
 _RETRIEVED_DOCUMENT_CHARS = 2000
 
@@ -126,6 +161,8 @@ _CONTENT_KEYS = frozenset({
     "traceloop.entity.input", "traceloop.entity.output", "tool_call.function.arguments", "reranker.query",
     "llm.function_call", "gen_ai.tool.input", "gen_ai.tool.output", "gen_ai.tool.args", "input.documents",
     "output.documents", "traceloop.prompt.template_variables", "gen_ai.content.prompt", "gen_ai.content.completion",
+    # pydantic-ai's agent run span: the run's whole conversation and its output.
+    "pydantic_ai.all_messages", "final_result",
 })
 _CONTENT_PREFIXES = ("llm.input_messages.", "llm.output_messages.", "gen_ai.prompt.", "gen_ai.completion.",
                      "retrieval.documents.", "reranker.input_documents.", "reranker.output_documents.",
@@ -369,7 +406,7 @@ def _finish_reason(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
     lowered = value.strip().lower()
-    lowered = FINISH_REASON_ALIASES.get(lowered, lowered)
+    lowered = FINISH_REASON_ALIASES.get(lowered, _FINISH_REASON_EXTRA_ALIASES.get(lowered, lowered))
     return lowered if lowered in FINISH_REASONS else None
 
 
@@ -669,11 +706,28 @@ def _response_id(attrs: dict) -> str | None:
     return None
 
 
+def _recover_from_span_name(attrs: dict, name: str, scope_name: str | None, invocation: dict) -> bool:
+    """A model call's span that says nothing but its name ("chat claude-haiku-4-5") in a provider's
+    instrumentation scope: its operation and model from the name. True when recovered."""
+    if not scope_name or _SCOPE_PROVIDERS.get(scope_name.rsplit(".", 1)[-1].lower()) is None:
+        return False
+    if _span_kind(attrs, invocation) != "UNKNOWN":
+        return False
+    match = _SPAN_NAME_OPERATION.match(name)
+    if not match:
+        return False
+    attrs["gen_ai.operation.name"], attrs["gen_ai.request.model"] = match.group(1), match.group(2)
+    return True
+
+
 def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
     attrs = _attributes(span.attributes)
     start, end = span.start_time_unix_nano, span.end_time_unix_nano
     invocation = _invocation(attrs)
+    recovered = _recover_from_span_name(attrs, span.name, scope_name, invocation)
     kind = _span_kind(attrs, invocation)
+    if recovered:
+        attrs.pop("gen_ai.operation.name")  # not sent: the span's name said it
     is_model_call = kind in MODEL_CALL_KINDS
     out: dict[str, Any] = {
         "span_id": span.span_id.hex(),
@@ -695,6 +749,8 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
         meta["otel.kind"] = otel_kind
     if scope_name:
         meta["otel.scope"] = scope_name
+    if recovered:
+        meta[SPAN_NAME_RECOVERED_KEY] = True
 
     # Who and where: any span.
     user = _first(attrs, _USER_KEYS)
@@ -715,7 +771,7 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
                                                    if attrs.get("traceloop.span.kind") == "tool" else None)
         if tool is not None:
             meta["tool.name"] = _bounded(str(tool))
-    _map_error(span, attrs, out, meta, is_model_call)
+    _map_error(span, attrs, out, meta, is_model_call, scope_name)
 
     # Our own OTel form wins: it is exactly our field. Model call fields only on model calls.
     own = _OWN_FIELDS if is_model_call else _OWN_FIELDS_ANY_SPAN
@@ -729,6 +785,7 @@ def map_span(span, resource: _Resource, scope_name: str | None) -> dict:
         meta["otel.status"] = "ok"
     for key in ("openinference.span.kind", "error.type", "llm.kind"):
         attrs.pop(key, None)
+    _drop_instructions(attrs)
     for key, value in attrs.items():
         if key in _CONTENT_KEYS or key.startswith(_CONTENT_PREFIXES) or len(meta) >= _META_KEYS_LIMIT:
             continue
@@ -777,7 +834,7 @@ def _span_events(span, start: int, out: dict, meta: dict) -> float | None:
     return first_chunk_ms
 
 
-def _map_error(span, attrs: dict, out: dict, meta: dict, is_model_call: bool) -> None:
+def _map_error(span, attrs: dict, out: dict, meta: dict, is_model_call: bool, scope_name: str | None = None) -> None:
     """The OTel status, error.type and the exception event."""
     status = span.status
     event_type, text, trace = out.pop("_exception", None) or (None, None, None)
@@ -792,11 +849,43 @@ def _map_error(span, attrs: dict, out: dict, meta: dict, is_model_call: bool) ->
     raw_type = attrs.get("error.type") or event_type
     if raw_type is not None:
         name, qualified = _error_type(raw_type)
+        if out.get("provider") == "anthropic" or (scope_name or "").startswith("com.anthropic."):
+            sdk_name = _anthropic_error_class(name, attrs.get("http.response.status_code"))
+            if sdk_name is not None and sdk_name != name:
+                name, qualified = sdk_name, qualified or str(raw_type)
         out["error_type"] = _clip("error_type", name)
         if qualified is not None:
             meta[ERROR_TYPE_QUALIFIED_KEY] = _bounded(qualified)
     if error_message:
         out["error_message"] = _clip("error_message", str(error_message))
+
+
+def _anthropic_error_class(error_type: str, status: Any) -> str | None:
+    """The anthropic SDK's exception class for an error.type in the API's words ("invalid_request_error")
+    or a bare status ("500"); None when error_type is neither (already a class name)."""
+    status_code = _int(status)
+    if error_type.isdigit():
+        status_code = int(error_type)
+    elif error_type not in _ANTHROPIC_API_ERRORS:
+        return None
+    if status_code is not None and status_code in _ANTHROPIC_STATUS_ERRORS:
+        return _ANTHROPIC_STATUS_ERRORS[status_code]
+    if error_type in _ANTHROPIC_API_ERRORS:
+        return _ANTHROPIC_API_ERRORS[error_type]
+    if status_code is not None and status_code >= 500:
+        return "InternalServerError"
+    return None
+
+
+def _drop_instructions(attrs: dict) -> None:
+    """pydantic-ai's model_request_parameters (kept for metadata: tools, output mode) repeats the request's
+    instructions, which are prompt text (gen_ai.system_instructions, scanned in `prompt`): never in metadata."""
+    params = _json_or_value(attrs.get("model_request_parameters"))
+    if isinstance(params, dict):
+        attrs["model_request_parameters"] = orjson.dumps(
+            {k: v for k, v in params.items() if k != "instruction_parts"}, default=str).decode()
+    elif isinstance(params, str) and "instruction_parts" in params:
+        del attrs["model_request_parameters"]  # not JSON: cannot be cleaned
 
 
 def _map_ttft(attrs: dict, out: dict, meta: dict, streamed: bool | None, first_chunk_ms: float | None) -> None:
@@ -862,7 +951,7 @@ _RAW_TEXT_KEYS = frozenset({"input.value", "output.value", "gen_ai.tool.call.arg
 def _text_of(attrs: dict, direction: str, flat: dict, kind: str = "UNKNOWN") -> str | None:
     """Prompt (direction input) or response text of a span, from the most readable source first."""
     if direction == "input":
-        messages = _as_messages(attrs.get("gen_ai.input.messages"))
+        messages = _as_messages(attrs.get("gen_ai.input.messages")) or _run_messages(attrs)[0]
         system = attrs.get("gen_ai.system_instructions")
         if messages or system is not None:
             return _render(messages or [], system)
@@ -871,6 +960,11 @@ def _text_of(attrs: dict, direction: str, flat: dict, kind: str = "UNKNOWN") -> 
     else:
         messages = _as_messages(attrs.get("gen_ai.output.messages"))
         if messages:
+            return _render(messages)
+        final = attrs.get("final_result")  # pydantic-ai's agent run: its output (text, or JSON of an object)
+        if final is not None and final != "":
+            return final if isinstance(final, str) else orjson.dumps(final, default=str).decode()
+        if messages := _run_messages(attrs)[1]:
             return _render(messages)
         if kind in ("RETRIEVER", "RERANKER"):
             docs = _documents_text(attrs, "reranker.output_documents." if kind == "RERANKER"
@@ -891,6 +985,17 @@ def _text_of(attrs: dict, direction: str, flat: dict, kind: str = "UNKNOWN") -> 
             return _content_text(_unwrap_entity(value))
         return _render(_as_messages(value) or [])
     return None
+
+
+def _run_messages(attrs: dict) -> tuple[list, list]:
+    """pydantic-ai's agent run span: its input and output messages from pydantic_ai.all_messages, the whole
+    conversation of the run. The output is the last assistant message; the input, everything before it."""
+    messages = _as_messages(attrs.get("pydantic_ai.all_messages"))
+    if not messages or not all(isinstance(m, dict) for m in messages):
+        return [], []
+    if messages[-1].get("role") == "assistant":
+        return messages[:-1], messages[-1:]
+    return messages, []  # the run failed before an answer
 
 
 def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict, invocation: dict, scope_name: str | None) -> None:
@@ -914,11 +1019,18 @@ def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict, invocation: dict, s
     response_id = _response_id(attrs)
     if response_id:
         out["response_id"] = _clip("response_id", response_id)
-    _map_tokens(attrs, out, meta)
+    _map_tokens(attrs, out, meta, scope_name)
     _map_finish_reason(attrs, out, meta, flat)
 
 
-def _map_tokens(attrs: dict, out: dict, meta: dict) -> None:
+def _map_tokens(attrs: dict, out: dict, meta: dict, scope_name: str | None = None) -> None:
+    if _openlit_estimated(attrs, scope_name):
+        # Not the provider's count but openlit's own, from its rough tokenizer: kept aside, and the span
+        # left without tokens like any stream without usage, for the server to count from the text.
+        meta[LIBRARY_TOKEN_ESTIMATE_KEY] = {
+            "input_tokens": _int(_first(attrs, _INPUT_TOKENS)), "output_tokens": _int(_first(attrs, _OUTPUT_TOKENS))}
+        for key in (*_INPUT_TOKENS, *_OUTPUT_TOKENS, "gen_ai.client.token.usage"):
+            attrs.pop(key, None)
     prompt_tokens = _int(_first(attrs, _INPUT_TOKENS))
     completion_tokens = _int(_first(attrs, _OUTPUT_TOKENS))
     cache_read = _int(_first(attrs, _CACHE_READ))
@@ -926,10 +1038,13 @@ def _map_tokens(attrs: dict, out: dict, meta: dict) -> None:
     reasoning = _int(_first(attrs, _REASONING))
     for key in (*_INPUT_TOKENS, *_OUTPUT_TOKENS, *_CACHE_READ, *_REASONING):
         attrs.pop(key, None)
-    if prompt_tokens is not None and (cache_read or 0) + (cache_write or 0) > prompt_tokens:
+    cache = (cache_read or 0) + (cache_write or 0)
+    # openlit's anthropic spans carry Anthropic's uncached input_tokens (see _OPENLIT_ANTHROPIC_SCOPE).
+    uncached_input = scope_name == _OPENLIT_ANTHROPIC_SCOPE and out.get("provider") == "anthropic"
+    if prompt_tokens is not None and cache and (uncached_input or cache > prompt_tokens):
         # The conventions count cached input inside input_tokens; an instrumentation that reports
         # Anthropic's uncached `input_tokens` alone shows itself by a cache larger than the input.
-        prompt_tokens += (cache_read or 0) + (cache_write or 0)
+        prompt_tokens += cache
         meta["llm_observe.input_tokens_adjusted"] = True
     if cache_write is not None:
         meta["gen_ai.usage.cache_creation.input_tokens"] = cache_write
@@ -943,6 +1058,14 @@ def _map_tokens(attrs: dict, out: dict, meta: dict) -> None:
     out["reasoning_tokens"] = reasoning
     if prompt_tokens is not None or completion_tokens is not None:
         out["token_count_method"] = "provider"
+
+
+def _openlit_estimated(attrs: dict, scope_name: str | None) -> bool:
+    """openlit's openai span of a stream whose chunks had no usage: openlit counted the tokens itself. It sets
+    the cache attributes only from a usage the provider sent, so a stream without them had none."""
+    return (scope_name == _OPENLIT_OPENAI_SCOPE and _bool(attrs.get("gen_ai.request.stream")) is True
+            and _first(attrs, _INPUT_TOKENS + _OUTPUT_TOKENS) is not None
+            and not any(key in attrs for key in (*_CACHE_READ, *_CACHE_WRITE)))
 
 
 def _map_finish_reason(attrs: dict, out: dict, meta: dict, flat: dict) -> None:

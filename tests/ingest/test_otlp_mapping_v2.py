@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.otlp import (ERROR_TYPE_QUALIFIED_KEY, JSON, PROTOBUF, TTFT_UNSTREAMED_KEY, decode_request,
-                         map_request)
+from ingest.otlp import (ERROR_TYPE_QUALIFIED_KEY, JSON, LIBRARY_TOKEN_ESTIMATE_KEY, PROTOBUF,
+                         SPAN_NAME_RECOVERED_KEY, TTFT_UNSTREAMED_KEY, decode_request, map_request)
 from tests.interop.otel_helpers import Recorder, genai_chat_attributes
 
 
@@ -388,7 +388,162 @@ def test_openinference_anthropic_3_1_0_over_the_anthropic_sdks_own_spans():
     assert 0 < streamed["latency_ms_ttft"] <= streamed["latency_ms_total"]  # gen_ai.response.time_to_first_chunk
     assert oi[1]["prompt"] == "system: You are a terse assistant.\nuser: Say hello (streamed call)"
     failed_sdk, failed_oi = sdk[2], oi[2]
-    assert failed_sdk["error_type"] == "invalid_request_error" and "response_id" not in failed_sdk
+    # the SDK's span says error.type invalid_request_error (the API's words): stored as the class it raised
+    assert failed_sdk["error_type"] == "BadRequestError" and "response_id" not in failed_sdk
+    assert failed_sdk["metadata"][ERROR_TYPE_QUALIFIED_KEY] == "invalid_request_error"
     assert failed_oi["error_type"] == "BadRequestError"
     assert failed_oi["metadata"][ERROR_TYPE_QUALIFIED_KEY] == "anthropic.BadRequestError"
     assert failed_sdk["model"] == failed_oi["model"] == "claude-haiku-4-5-error-400"
+
+
+# --- the interop matrix's findings (captures of .data-captures, trimmed into tests/interop/fixtures) -----------
+def scoped(scope: str, name: str, attributes: dict, **kwargs) -> dict:
+    rec = Recorder()
+    rec.tracer = rec.provider.get_tracer(scope, "1.0")
+    with rec.span(name, end_ms=2000, attributes=attributes, **kwargs):
+        pass
+    return mapped(rec)[name]
+
+
+@pytest.mark.parametrize("raw, status, sdk_class", [
+    ("invalid_request_error", 400, "BadRequestError"),
+    ("authentication_error", 401, "AuthenticationError"),
+    ("billing_error", 402, "PaymentRequiredError"),
+    ("permission_error", 403, "PermissionDeniedError"),
+    ("not_found_error", 404, "NotFoundError"),
+    ("request_too_large", 413, "ContentTooLargeError"),  # 2.x's name; RequestTooLargeError is its alias
+    ("rate_limit_error", 429, "RateLimitError"),
+    ("api_error", 500, "InternalServerError"),
+    ("overloaded_error", 529, "OverloadedError"),
+    ("timeout_error", 504, "GatewayTimeoutError"),
+    ("api_error", None, "InternalServerError"),  # no status on the span: the API's type alone
+    ("overloaded_error", None, "OverloadedError"),
+    ("request_too_large", None, "ContentTooLargeError"),
+    ("503", 503, "ServiceUnavailableError"),  # no error envelope: the SDK says the status
+    ("client_timeout_error", None, "APITimeoutError"),
+    ("connection_error", None, "APIConnectionError"),
+])
+def test_anthropic_sdk_api_error_types_become_its_exception_classes(raw, status, sdk_class):
+    attributes = {"gen_ai.provider.name": "anthropic", "gen_ai.operation.name": "chat",
+                  "gen_ai.request.model": "claude-haiku-4-5", "error.type": raw,
+                  **({"http.response.status_code": status} if status else {})}
+    span = scoped("com.anthropic.sdk.python", "anthropic.messages.create", attributes, error=ValueError("x"))
+    assert span["error_type"] == sdk_class
+    assert span["metadata"][ERROR_TYPE_QUALIFIED_KEY] == raw
+
+
+def test_api_error_words_of_other_providers_and_class_names_stay():
+    # OpenAI's envelope says invalid_request_error too, but nothing here says the anthropic SDK raised it.
+    openai = one({"gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+                  "error.type": "invalid_request_error"}, error=ValueError("x"))
+    assert openai["error_type"] == "invalid_request_error"
+    anthropic_class = one({"gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-haiku-4-5",
+                           "error.type": "anthropic.RateLimitError", "http.response.status_code": 400},
+                          error=ValueError("x"))
+    assert anthropic_class["error_type"] == "RateLimitError"
+
+
+def test_openlit_1_45_anthropic_capture():
+    spans = fixture_spans("openlit_1.45.0_anthropic_0.125.json")
+    chats = {(s["metadata"]["otel.scope"], s["metadata"].get("gen_ai.request.stream"), s.get("status", "success")): s
+             for s in spans if s["name"] != "POST"}
+    plain = chats["openlit.instrumentation.anthropic", False, "success"]
+    streamed = chats["openlit.instrumentation.anthropic", True, "success"]
+    openai_stream = chats["openlit.instrumentation.openai", True, "success"]
+    failed = next(s for s in spans if s["name"] == "chat claude-haiku-4-5-error-400")
+    # Anthropic's input_tokens (16) leave the 5 cache reads out; openlit passes them on as they are.
+    assert (plain["prompt_tokens"], plain["completion_tokens"], plain["cached_tokens"]) == (21, 12, 5)
+    assert plain["metadata"]["llm_observe.input_tokens_adjusted"] is True
+    # openlit's stream span says 0 cache reads (a gap of the library): nothing to add.
+    assert (streamed["prompt_tokens"], streamed["cached_tokens"]) == (16, 0)
+    assert "llm_observe.input_tokens_adjusted" not in streamed["metadata"]
+    # The failed call's span has no attributes: its name and the scope say what it was.
+    assert (failed["kind"], failed["model"], failed["provider"]) == ("LLM", "claude-haiku-4-5-error-400", "anthropic")
+    assert (failed["status"], failed["finish_reason"], failed["error_type"]) == ("error", "error", "BadRequestError")
+    assert failed.get("prompt_tokens") is None and failed["metadata"][SPAN_NAME_RECOVERED_KEY] is True
+    assert "gen_ai.operation.name" not in failed["metadata"]
+    # An openai stream without usage: openlit counted 33 + 24 tokens itself. Left for the server to count.
+    assert openai_stream["prompt_tokens"] is None and openai_stream["completion_tokens"] is None
+    assert openai_stream.get("token_count_method") is None
+    assert openai_stream["metadata"][LIBRARY_TOKEN_ESTIMATE_KEY] == {"input_tokens": 33, "output_tokens": 24}
+    assert 0 < openai_stream["latency_ms_ttft"] < openai_stream["latency_ms_total"]
+    http = [s for s in spans if s["name"] == "POST"]
+    assert http and all(s["kind"] == "UNKNOWN" and s.get("model") is None for s in http)
+
+
+def test_span_name_recovery_needs_a_provider_scope_and_a_bare_span():
+    # the same name in an application's own scope, or a span that says its kind: as before
+    assert one({}, name="chat claude-haiku-4-5")["kind"] == "UNKNOWN"
+    tool = scoped("openlit.instrumentation.anthropic", "chat helper", {"gen_ai.operation.name": "execute_tool"})
+    assert tool["kind"] == "TOOL" and tool.get("model") is None
+    other = scoped("openlit.instrumentation.anthropic", "messages.stream", {})
+    assert other["kind"] == "UNKNOWN"
+
+
+def test_cache_reads_added_only_to_openlits_anthropic_input():
+    base = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
+            "gen_ai.request.model": "claude-haiku-4-5", "gen_ai.usage.input_tokens": 21,
+            "gen_ai.usage.output_tokens": 12, "gen_ai.usage.cache_read.input_tokens": 5}
+    # the anthropic SDK's own span and the GenAI convention: 21 already counts the 5
+    assert scoped("com.anthropic.sdk.python", "anthropic.messages.create", base)["prompt_tokens"] == 21
+    assert scoped("opentelemetry.instrumentation.anthropic", "anthropic.chat", base)["prompt_tokens"] == 21
+    openlit = scoped("openlit.instrumentation.anthropic", "chat claude-haiku-4-5",
+                     {**base, "gen_ai.usage.input_tokens": 16, "gen_ai.usage.cache_creation.input_tokens": 2})
+    assert openlit["prompt_tokens"] == 23 and openlit["cached_tokens"] == 5
+    # a cache larger than the input still shows an uncached input, whoever sent it
+    bigger = scoped("tests.other", "chat", {**base, "gen_ai.usage.input_tokens": 3})
+    assert bigger["prompt_tokens"] == 8
+
+
+def test_openlit_openai_stream_with_usage_keeps_the_providers_tokens():
+    span = scoped("openlit.instrumentation.openai", "chat gpt-4o-mini", {
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini", "gen_ai.request.stream": True,
+        "gen_ai.usage.input_tokens": 21, "gen_ai.usage.output_tokens": 12,
+        "gen_ai.usage.cache_read.input_tokens": 0})
+    assert (span["prompt_tokens"], span["token_count_method"]) == (21, "provider")
+    assert LIBRARY_TOKEN_ESTIMATE_KEY not in span["metadata"]
+
+
+def test_pydantic_ai_2_68_capture():
+    spans = fixture_spans("pydantic_ai_2.68.0.json")
+    by_trace: dict[str, list[dict]] = {}
+    for span in spans:
+        by_trace.setdefault(span["trace_id"], []).append(span)
+    plain, streamed, failed = sorted(by_trace.values(), key=len, reverse=True)[0], *[
+        t for t in by_trace.values() if len(t) == 2]
+    if any(s.get("status") == "error" for s in streamed):
+        streamed, failed = failed, streamed
+    agent = next(s for s in plain if s["kind"] == "AGENT")
+    chat1, chat2 = [s for s in plain if s["kind"] == "LLM"]
+    # the agent run: its conversation in, its final result out (pydantic_ai.all_messages, final_result)
+    assert agent["prompt"].startswith("system: You answer weather questions.\nuser: What is the weather in Paris?")
+    assert agent["prompt"].count("You answer weather questions.") == 1
+    assert agent["response"] == "Hello from the fake provider, nice to meet you."
+    assert agent.get("prompt_tokens") is None and agent.get("model") is None  # the aggregated usage: not again
+    assert chat1["finish_reason"] == "tool_calls" and chat2["finish_reason"] == "stop"  # GenAI's "tool_call"
+    for chat in (chat1, chat2):
+        assert (chat["prompt_tokens"], chat["completion_tokens"], chat["cached_tokens"], chat["reasoning_tokens"]) \
+            == (21, 12, 5, 3)  # gen_ai.usage.details.reasoning_tokens
+        assert chat.get("latency_ms_ttft") is None
+        assert "gen_ai.usage.details.reasoning_tokens" not in chat["metadata"]
+        assert "gen_ai.usage.details.cache_read_tokens" not in chat["metadata"]
+    stream_chat = next(s for s in streamed if s["kind"] == "LLM")
+    stream_agent = next(s for s in streamed if s["kind"] == "AGENT")
+    # gen_ai.client.operation.time_to_first_chunk
+    assert 0 < stream_chat["latency_ms_ttft"] < stream_chat["latency_ms_total"]
+    assert stream_agent["prompt"] == "system: You answer weather questions.\nuser: Say hello (streamed call)"
+    failed_agent = next(s for s in failed if s["kind"] == "AGENT")
+    assert failed_agent["prompt"].endswith("user: Say hello (failing call)") and not failed_agent.get("response")
+    for span in spans:  # the conversation and the instructions only in prompt / response
+        text = orjson.dumps(span["metadata"]).decode()
+        assert "Paris?" not in text and "Say hello" not in text and "Hello from the fake" not in text
+        assert "You answer weather questions." not in text
+    assert chat1["metadata"]["model_request_parameters"].startswith('{"function_tools":[{"name":"get_weather"')
+
+
+def test_pydantic_ai_agent_run_without_final_result_answers_with_its_last_message():
+    span = one({"gen_ai.operation.name": "invoke_agent", "pydantic_ai.all_messages": orjson.dumps([
+        {"role": "user", "parts": [{"type": "text", "content": "Hi"}]},
+        {"role": "assistant", "parts": [{"type": "text", "content": "Hello"}], "finish_reason": "stop"}]).decode()})
+    assert (span["kind"], span["prompt"], span["response"]) == ("AGENT", "Hi", "Hello")
+    assert "pydantic_ai.all_messages" not in span["metadata"]
