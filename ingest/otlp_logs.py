@@ -15,8 +15,10 @@ trace and span id of its call. Newer ones send one
 
 Each span's records become one SpanContent: the prompt (system, user, assistant and
 tool messages in the order they were emitted) and the response (the choices by index),
-rendered like the /v1/traces mapping renders messages. services.span_content scans,
-redacts and stores it. Records that are not GenAI events are counted, not kept.
+rendered like the /v1/traces mapping renders messages, and the first choice's finish reason
+(normalised as the /v1/traces mapping does), for a span that has none (a stream's span
+often carries none). services.span_content scans, redacts and stores it. Records that are
+not GenAI events are counted, not kept.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ingest.otlp import (
     PROTOBUF,
     _as_messages,
     _attributes,
+    _finish_reason,
     _json_or_value,
     _render,
     _value,
@@ -71,6 +74,7 @@ class SpanContent:
     prompt: list = field(default_factory=list)  # messages, in the order they were emitted
     system: list = field(default_factory=list)  # gen_ai.system_instructions parts
     choices: list = field(default_factory=list)  # (index, order, message)
+    finish_reasons: list = field(default_factory=list)  # (index, order, normalised reason)
 
     def prompt_text(self) -> str | None:
         text = _render(self.prompt, self.system or None)
@@ -79,6 +83,16 @@ class SpanContent:
     def response_text(self) -> str | None:
         text = _render([message for _, _, message in sorted(self.choices, key=lambda c: (c[0], c[1]))])
         return text[:_TEXT_LIMIT] if text else None
+
+    def finish_reason(self) -> str | None:
+        """The first choice's finish reason, in the appliance's words (as ingest.otlp maps a span's)."""
+        # The lowest choice index; of one choice's, the first emitted (an explicit finish_reasons first).
+        return min(self.finish_reasons, key=lambda r: (r[0], r[1]))[2] if self.finish_reasons else None
+
+    def add_finish_reason(self, value: Any, index: int, order: int) -> None:
+        reason = _finish_reason(_json_or_value(value))
+        if reason is not None:
+            self.finish_reasons.append((index, order, reason))
 
 
 @dataclass
@@ -161,11 +175,14 @@ def _add_record(content: SpanContent, name: str, attrs: dict, body: Any, order: 
             message = _message("assistant", body.get("message") if "message" in body else body)
             if message:
                 content.choices.append((index, order, message))
+            content.add_finish_reason(body.get("finish_reason"), index, order)
     elif name == PROMPT_EVENT:
         content.prompt += _as_messages(attrs.get("gen_ai.prompt", body)) or []
     elif name == COMPLETION_EVENT:
         for message in _as_messages(attrs.get("gen_ai.completion", body)) or []:
             content.choices.append((0, order, message))
+            if isinstance(message, dict):
+                content.add_finish_reason(message.get("finish_reason"), 0, order)
     elif name == DETAILS_EVENT:
         # The conventions put the messages in attributes; a body of the same keys is read as well.
         source = attrs if any(key in attrs for key in _DETAILS_KEYS) else body if isinstance(body, dict) else {}
@@ -173,8 +190,12 @@ def _add_record(content: SpanContent, name: str, attrs: dict, body: Any, order: 
         if system is not None:
             content.system += system if isinstance(system, list) else [system]
         content.prompt += _as_messages(source.get("gen_ai.input.messages")) or []
+        reasons = attrs.get("gen_ai.response.finish_reasons", source.get("gen_ai.response.finish_reasons"))
+        content.add_finish_reason(reasons, 0, order)
         for message in _as_messages(source.get("gen_ai.output.messages")) or []:
             content.choices.append((0, order, message))
+            if isinstance(message, dict):
+                content.add_finish_reason(message.get("finish_reason"), 0, order)
 
 
 def map_logs_request(request: ExportLogsServiceRequest) -> MappedLogs:

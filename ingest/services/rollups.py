@@ -167,6 +167,45 @@ def rollups_add(cur, rows) -> None:
             cur.execute(sql, [orjson.dumps(data).decode()])
 
 
+_KEYS = (("project_id", "hour", "service_name", "model", "provider", "shard"), ("project_id", "hour", "shard"),
+         ("project_id", "day", "user_id"))
+
+
+def _minus(new: list[dict], old: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """new - old, row by key and field by field (histograms element-wise); rows that come to nothing left out."""
+    out = {tuple(row[k] for k in key): dict(row) for row in new}
+    for row in old:
+        target = out.setdefault(tuple(row[k] for k in key), {k: row[k] for k in key})
+        for name, value in row.items():
+            if name in key:
+                continue
+            if isinstance(value, list):
+                mine = target.get(name) or [0] * len(value)
+                target[name] = [a - b for a, b in zip(mine, value)]
+            else:
+                target[name] = target.get(name, 0) - value
+    return [row for k, row in sorted(out.items())
+            if any(any(v) if isinstance(v, list) else v for n, v in row.items() if n not in key)]
+
+
+def rollups_change(cur, changes) -> None:
+    """Count stored span rows updated in place: `changes` are (row before, row after) pairs.
+
+    Adds what the update changed (tokens and cost counted later, a flag set later) without
+    counting the span twice: the sums of the rows after minus those of the rows before. Call
+    inside the transaction that updates them; the rows need the columns rollups_add reads.
+    """
+    if not changes:
+        return
+    shard = random.randrange(SHARDS)
+    before = rollups_from_rows([old for old, _ in changes], shard=shard)
+    after = rollups_from_rows([new for _, new in changes], shard=shard)
+    for sql, key, old, new in zip((_SUMS_SQL, _HIST_SQL, _USERS_SQL), _KEYS, before, after):
+        data = _minus(new, old, key)
+        if data:
+            cur.execute(sql, [orjson.dumps(data).decode()])
+
+
 _ROLLUP_COLUMNS = ("project_id", "timestamp_utc", "service_name", "model", "provider", "status", "prompt_tokens",
                    "completion_tokens", "cost_usd_micro", "latency_ms_total", "latency_ms_ttft", "pii_detected",
                    "injection_attempt", "user_id", "kind", "duplicate_of")

@@ -14,6 +14,15 @@ where the span has none: a span's own text wins. Then:
 A log and its span written at the same moment by two transactions can miss each other
 (each looks before the other commits); `content_pending_maintain`, run by the beat
 every minute, applies such rows, then deletes the expired ones.
+
+The text is what a model call without provider token counts (an OpenAI stream without
+include_usage) is counted from: when it fills such a span, its tokens are estimated and
+priced (spans.span_tokens_and_cost), counted again from the fuller text when a later export
+brings the rest of an estimated span's text, and the hourly roll-ups get what changed
+(rollups_change: the span itself is counted once). The choice's finish reason fills a span
+that has none (a stream's span often carries none). While pending, the finish reason rides
+in `response_patterns`, as {"patterns": [...], "finish_reason": ...} (PendingContent has no
+column of its own for it; a plain list is read as before).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from ingest.metrics import metrics_record_log_events, metrics_record_log_events_
 from ingest.otlp_logs import SpanContent
 from ingest.services.embeddings import embeddings_enqueue
 from ingest.services.pricing import price_table
+from ingest.services.rollups import rollups_change
 from ingest.services.scanning import scan_row
 
 log = logging.getLogger(__name__)
@@ -64,6 +74,7 @@ class Content:
     prompt: Part | None
     response: Part | None
     events: int
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,19 +96,43 @@ def _scan(text: str | None, *, span_id: str, drop: bool) -> Part | None:
 
 
 def content_scan(*, project, items: list[SpanContent]) -> list[Content]:
-    """The text of each span, scanned and redacted; spans whose records carried no text are left out."""
+    """The text of each span, scanned and redacted; spans whose records carried neither text nor a finish
+    reason (content capture off, and no choice) are left out."""
     drop = project.redaction_mode == "drop"
     out = []
     for item in items:
         prompt = _scan(item.prompt_text(), span_id=item.span_id, drop=drop)
         response = _scan(item.response_text(), span_id=item.span_id, drop=drop)
-        if prompt or response:
-            out.append(Content(item.trace_id, item.span_id, prompt, response, item.events))
+        reason = item.finish_reason()
+        if prompt or response or reason:
+            out.append(Content(item.trace_id, item.span_id, prompt, response, item.events, reason))
     return out
 
 
+def _merge_finish_reason(row: dict, contents: list[Content]) -> bool:
+    """Fill a span row's missing finish reason from the contents' choices; True if it changed."""
+    if row.get("finish_reason") is not None:
+        return False
+    reason = next((c.finish_reason for c in contents if c.finish_reason), None)
+    row["finish_reason"] = reason
+    return reason is not None
+
+
+def _recount(row: dict, prices) -> None:
+    """Tokens and cost of a model call whose text just grew: counted from the text unless the provider's."""
+    from ingest.services.spans import span_tokens_and_cost  # spans imports this module
+
+    if row["duplicate_of"]:
+        return  # the span it names carries the call's tokens and cost
+    if row.get("token_count_method") == "estimated":
+        # Estimated from part of the text (the prompt's export came first): counted again from all of it.
+        row["prompt_tokens"] = row["completion_tokens"] = row["token_count_method"] = None
+    if row["prompt_tokens"] is None and row["completion_tokens"] is None:
+        span_tokens_and_cost(row, prices=prices)
+
+
 def _merge(row: dict, contents: list[Content]) -> bool:
-    """Fill a span row's empty prompt / response from the contents (in their order); True if it changed."""
+    """Fill a span row's empty prompt / response from the contents (in their order); True if the text changed."""
     changed = error = False
     for name in PARTS:
         if row.get(name):
@@ -128,15 +163,24 @@ def _merge(row: dict, contents: list[Content]) -> bool:
 # --- the span is stored ----------------------------------------------------------------
 _KEYS_SQL = "SELECT span_id, timestamp_utc FROM ingest_spankey WHERE project_id = %s AND span_id = ANY(%s)"
 _STORED_COLUMNS = ("span_id", "timestamp_utc", "trace_id", "prompt", "response", "pii_detected", "injection_attempt",
-                   "matched_patterns", "scan_status", "is_sampled", "prompt_hash")
-# The timestamps are literals (Django binds on the client): only their partitions are read.
+                   "matched_patterns", "scan_status", "is_sampled", "prompt_hash", "finish_reason",
+                   # what span_tokens_and_cost reads and writes
+                   "kind", "model", "provider", "status", "prompt_tokens", "completion_tokens", "cached_tokens",
+                   "token_count_method", "duplicate_of", "cost_usd_micro", "price_version",
+                   # what the roll-ups read besides
+                   "service_name", "user_id", "latency_ms_total", "latency_ms_ttft")
+# The timestamps are literals (Django binds on the client): only their partitions are read. Locked in
+# span id order, so two requests updating the same spans wait for each other rather than deadlock.
 _STORED_SQL = (f"SELECT {', '.join(_STORED_COLUMNS)} FROM ingest_span "
-               "WHERE project_id = %s AND timestamp_utc = ANY(%s) AND span_id = ANY(%s) FOR UPDATE")
-_UPDATE_SQL = """
-UPDATE ingest_span SET prompt = %s, response = %s, pii_detected = %s, injection_attempt = %s,
-    matched_patterns = %s::jsonb, scan_status = %s, prompt_hash = %s
-WHERE project_id = %s AND timestamp_utc = %s AND span_id = %s
-"""
+               "WHERE project_id = %s AND timestamp_utc = ANY(%s) AND span_id = ANY(%s) ORDER BY span_id FOR UPDATE")
+_UPDATED_COLUMNS = ("prompt", "response", "pii_detected", "injection_attempt", "matched_patterns", "scan_status",
+                    "prompt_hash", "finish_reason", "prompt_tokens", "completion_tokens", "token_count_method",
+                    "cost_usd_micro", "price_version")
+_UPDATE_SQL = (
+    "UPDATE ingest_span SET "
+    + ", ".join(f"{c} = %s::jsonb" if c == "matched_patterns" else f"{c} = %s" for c in _UPDATED_COLUMNS)
+    + " WHERE project_id = %s AND timestamp_utc = %s AND span_id = %s"
+)
 
 
 def _apply_stored(cur, *, project_id: int, contents: list[Content]) -> tuple[set[str], set[str]]:
@@ -149,9 +193,10 @@ def _apply_stored(cur, *, project_id: int, contents: list[Content]) -> tuple[set
     if not keys:
         return set(), set()
     cur.execute(_STORED_SQL, [project_id, sorted(set(keys.values())), list(keys)])
-    applied, other_trace, updates, embed = set(), set(), [], []
+    applied, other_trace, updates, embed, changes = set(), set(), [], [], []
+    prices = None
     for values in cur.fetchall():
-        row = dict(zip(_STORED_COLUMNS, values))
+        row = dict(zip(_STORED_COLUMNS, values), project_id=project_id)
         if keys.get(row["span_id"]) != row["timestamp_utc"]:
             continue
         if isinstance(row["matched_patterns"], str):
@@ -161,17 +206,24 @@ def _apply_stored(cur, *, project_id: int, contents: list[Content]) -> tuple[set
             other_trace.add(row["span_id"])
             continue
         applied.add(row["span_id"])
-        had_hash = row["prompt_hash"]
-        if not _merge(row, mine):
+        before = dict(row)
+        text = _merge(row, mine)
+        reason = _merge_finish_reason(row, mine)
+        if not (text or reason):
             continue
-        updates.append([row["prompt"], row["response"], row["pii_detected"], row["injection_attempt"],
-                        orjson.dumps(row["matched_patterns"]).decode() if row["matched_patterns"] else None,
-                        row["scan_status"], row["prompt_hash"], project_id, row["timestamp_utc"], row["span_id"]])
-        if row["prompt_hash"] and row["prompt_hash"] != had_hash:
+        if text:
+            prices = prices or price_table()
+            _recount(row, prices)
+        changes.append((before, row))
+        updates.append([orjson.dumps(row[c]).decode() if c == "matched_patterns" and row[c] else row[c]
+                        for c in _UPDATED_COLUMNS] + [project_id, row["timestamp_utc"], row["span_id"]])
+        if row["prompt_hash"] and row["prompt_hash"] != before["prompt_hash"]:
             embed.append({"project_id": project_id, "prompt_hash": row["prompt_hash"],
                           "timestamp_utc": row["timestamp_utc"]})
     if updates:
         cur.executemany(_UPDATE_SQL, updates)
+        # The span was counted when it was stored: the roll-ups get only what changed (tokens, cost, flags).
+        rollups_change(cur, changes)
     if embed:
         transaction.on_commit(lambda: embeddings_enqueue(rows=embed))
     return applied, other_trace
@@ -187,6 +239,9 @@ def _pending_row(project_id: int, content: Content, received_at: datetime, expir
         if part is not None:
             fields.update({name: part.text, f"{name}_pii": part.pii, f"{name}_injection": part.injection,
                            f"{name}_patterns": list(part.patterns) or None})
+    if content.finish_reason:
+        fields["response_patterns"] = {"patterns": fields.get("response_patterns"),
+                                       "finish_reason": content.finish_reason}
     error = any(p is not None and p.scan_error for p in (content.prompt, content.response))
     return PendingContent(project_id=project_id, trace_id=content.trace_id, span_id=content.span_id,
                           scan_status="error" if error else "ok", events=content.events,
@@ -257,9 +312,14 @@ RETURNING {', '.join('p.' + c for c in _PENDING_COLUMNS)}
 """
 
 
+def _json(value):
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
 def _patterns(value) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = orjson.loads(value)
+    value = _json(value)
+    if isinstance(value, dict):  # {"patterns": [...], "finish_reason": ...}
+        value = value.get("patterns")
     return tuple(value or ())
 
 
@@ -270,8 +330,10 @@ def _from_pending(values) -> tuple[int, Content]:
         if row[name] is not None or row[f"{name}_pii"]:
             parts[name] = Part(row[name], row[f"{name}_pii"], row[f"{name}_injection"],
                                _patterns(row[f"{name}_patterns"]), row["scan_status"] == "error")
+    carrier = _json(row["response_patterns"])
+    reason = carrier.get("finish_reason") if isinstance(carrier, dict) else None
     return row["project_id"], Content(row["trace_id"], row["span_id"], parts.get("prompt"), parts.get("response"),
-                                      row["events"])
+                                      row["events"], reason)
 
 
 def content_merge_pending(*, cursor, rows: list[dict]) -> int:
@@ -291,16 +353,16 @@ def content_merge_pending(*, cursor, rows: list[dict]) -> int:
     for values in taken:
         project_id, content = _from_pending(values)
         by_key.setdefault((project_id, content.span_id), []).append(content)
-    from ingest.services.spans import span_tokens_and_cost  # spans imports this module
-
     events = 0
     prices = price_table()
     for row in rows:
         contents = by_key.get((row["project_id"], row["span_id"]))
         if contents:
+            _merge_finish_reason(row, contents)
             if _merge(row, contents):
                 # A call whose provider sent no token counts: counted from the text that just arrived.
-                span_tokens_and_cost(row, prices=prices)
+                # Before the COPY: rollups_add counts the row as it is stored.
+                _recount(row, prices)
             events += sum(c.events for c in contents)
     transaction.on_commit(lambda: metrics_record_log_events(outcome="merged", count=events))
     return events

@@ -36,7 +36,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY
 
-from ingest.models import PendingContent, Span
+from ingest.models import PendingContent, Span, SpanRollup, UserRollup
 from ingest.services.span_content import content_pending_maintain
 from tests.interop.otel_helpers import Recorder, hex_id
 
@@ -176,29 +176,191 @@ def test_events_after_their_span_update_it_in_place(post):
     assert stored(span).response == CHOICE["content"]
 
 
-def test_a_call_without_token_counts_is_estimated_and_priced_from_the_text(post):
+@pytest.fixture
+def gpt4o_price(db):
     from ingest.models import ModelPrice
 
-    ModelPrice.objects.create(provider="openai", model="gpt-4o", input_price_per_1m="2.50",
-                              output_price_per_1m="10.00", version="test-1")
+    return ModelPrice.objects.create(provider="openai", model="gpt-4o", input_price_per_1m="2.50",
+                                     output_price_per_1m="10.00", version="test-1")
+
+
+# An OpenAI stream without stream_options.include_usage (the client's default), as openai-v2 2.4b0 traces
+# it: no token counts, no finish reasons on the span; the finish reason is in the gen_ai.choice event.
+STREAM = {"gen_ai.usage.input_tokens": None, "gen_ai.usage.output_tokens": None,
+          "gen_ai.response.finish_reasons": None, "user.id": "u-42"}
+
+
+def sums(project) -> dict:
+    from django.db.models import Sum
+
+    names = ("spans", "errors", "prompt_tokens", "completion_tokens", "cost_usd_micro", "pii", "injections")
+    got = SpanRollup.objects.filter(project=project).aggregate(**{n: Sum(n) for n in names})
+    return {n: got[n] or 0 for n in names}
+
+
+def user_sums(project, user_id: str) -> tuple:
+    from django.db.models import Sum
+
+    got = UserRollup.objects.filter(project=project, user_id=user_id).aggregate(
+        spans=Sum("spans"), cost=Sum("cost_usd_micro"), prompt=Sum("prompt_tokens"),
+        completion=Sum("completion_tokens"))
+    return got["spans"], got["cost"], got["prompt"], got["completion"]
+
+
+def assert_estimated_and_counted(got: Span, project) -> None:
+    assert got.token_count_method == "estimated" and got.prompt_tokens > 0 and got.completion_tokens > 0
+    assert got.cost_usd_micro and got.price_version == "test-1"
+    assert got.finish_reason == "stop"
+    assert sums(project) == {"spans": 1, "errors": 0, "prompt_tokens": got.prompt_tokens,
+                             "completion_tokens": got.completion_tokens, "cost_usd_micro": got.cost_usd_micro,
+                             "pii": 0, "injections": 0}
+    assert user_sums(project, "u-42") == (1, got.cost_usd_micro, got.prompt_tokens, got.completion_tokens)
+
+
+def test_a_call_without_token_counts_is_estimated_and_priced_from_the_text(post, project, gpt4o_price):
     rec, events = Recorder(), Events()
-    span = chat_span(rec, {"gen_ai.usage.input_tokens": None, "gen_ai.usage.output_tokens": None})
+    span = chat_span(rec, STREAM)
     events.chat(span)
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    assert PendingContent.objects.get().response_patterns == {"patterns": None, "finish_reason": "stop"}
+    assert post("/v1/traces", rec.protobuf()).status_code == 200
+    assert_estimated_and_counted(stored(span), project)
+
+
+def test_a_stream_stored_before_its_events_is_estimated_priced_and_counted_when_they_come(
+        post, project, gpt4o_price):
+    rec, events = Recorder(), Events()
+    span = chat_span(rec, STREAM)
+    assert post("/v1/traces", rec.protobuf()).status_code == 200
+    got = stored(span)
+    assert got.prompt_tokens is None and got.cost_usd_micro is None and got.finish_reason is None
+    assert sums(project)["spans"] == 1 and sums(project)["prompt_tokens"] == 0
+
+    # The prompt's records, then the choice, in two exports: the second counts the whole text again.
+    events.chat(span, choices=())
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    first = stored(span)
+    assert first.token_count_method == "estimated" and first.prompt_tokens > 0 and first.completion_tokens == 0
+    assert sums(project)["prompt_tokens"] == first.prompt_tokens
+    events.exporter.clear()
+    events.chat(span, messages=())
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    got = stored(span)
+    assert got.prompt_tokens == first.prompt_tokens
+    assert_estimated_and_counted(got, project)
+
+    # An exporter's retry changes nothing, the sums neither.
+    before = sums(project)
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    assert sums(project) == before and stored(span).completion_tokens == got.completion_tokens
+
+
+def test_a_call_with_provider_counts_keeps_them(post, project, gpt4o_price):
+    rec, events = Recorder(), Events()
+    span = chat_span(rec)
+    assert post("/v1/traces", rec.protobuf()).status_code == 200
+    before = sums(project)
+    events.chat(span)
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    got = stored(span)
+    assert (got.prompt_tokens, got.completion_tokens, got.token_count_method) == (30, 9, "provider")
+    assert sums(project) == before and before["prompt_tokens"] == 30
+
+
+@pytest.mark.parametrize("span_first", [True, False], ids=["span-first", "logs-first"])
+def test_a_failed_call_gets_no_estimate(post, project, gpt4o_price, span_first):
+    rec, events = Recorder(), Events()
+    attributes = {k: v for k, v in {**CHAT_ATTRIBUTES, **STREAM}.items() if v is not None}
+    with rec.span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=attributes,
+                  error=RuntimeError("BadRequestError")) as span:
+        pass
+    events.chat(span, choices=())  # a failed call's events: its prompt, no choice
+    for path, body in [("/v1/traces", rec.protobuf()), ("/v1/logs", events.protobuf())][::1 if span_first else -1]:
+        assert post(path, body).status_code == 200
+    got = stored(span)
+    assert got.status == "error" and got.prompt == PROMPT_TEXT
+    assert got.prompt_tokens is None and got.completion_tokens is None and got.cost_usd_micro is None
+    assert sums(project)["prompt_tokens"] == 0 and sums(project)["errors"] == 1
+
+
+@pytest.mark.parametrize("span_first", [True, False], ids=["span-first", "logs-first"])
+def test_the_finish_reason_of_a_details_record_fills_a_span_without_one(post, span_first):
+    rec, events = Recorder(), Events()
+    span = chat_span(rec, {"gen_ai.response.finish_reasons": None})
+    events.emit(span, "gen_ai.client.inference.operation.details", None, {
+        "gen_ai.response.finish_reasons": ("max_tokens",),
+        "gen_ai.output.messages": '[{"role":"assistant","parts":[{"type":"text","content":"Sun"}],'
+                                  '"finish_reason":"stop"}]'})
+    for path, body in [("/v1/traces", rec.protobuf()), ("/v1/logs", events.protobuf())][::1 if span_first else -1]:
+        assert post(path, body).status_code == 200
+    got = stored(span)
+    assert (got.response, got.finish_reason) == ("Sun", "length")  # max_tokens, in the appliance's words
+
+
+def test_content_capture_off_still_brings_the_finish_reason(post):
+    # openai-v2's default: events without content; the choice still says why the call ended.
+    rec, events = Recorder(), Events()
+    span = chat_span(rec, {"gen_ai.response.finish_reasons": None})
+    events.emit(span, "gen_ai.user.message", None)
+    events.emit(span, "gen_ai.choice", {"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant"}})
     assert post("/v1/logs", events.protobuf()).status_code == 200
     assert post("/v1/traces", rec.protobuf()).status_code == 200
     got = stored(span)
-    assert got.token_count_method == "estimated" and got.prompt_tokens > 0 and got.completion_tokens > 0
-    assert got.cost_usd_micro and got.price_version == "test-1"
+    assert got.finish_reason == "tool_calls" and got.prompt is None and got.response is None
+    assert not PendingContent.objects.exists()
+
+
+def test_rollups_change_adds_what_an_update_changed(project):
+    from ingest.services.rollups import rollups_add, rollups_change
+
+    hour = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
+    row = {"project_id": project.id, "timestamp_utc": hour, "service_name": "bot", "model": "gpt-4o",
+           "provider": "openai", "status": "success", "prompt_tokens": None, "completion_tokens": None,
+           "cost_usd_micro": None, "latency_ms_total": 120.0, "latency_ms_ttft": 40.0, "pii_detected": False,
+           "injection_attempt": False, "user_id": "u-1", "kind": "LLM", "duplicate_of": None}
+    with connection.cursor() as cur:
+        rollups_add(cur, [row])
+        rollups_change(cur, [(row, {**row, "prompt_tokens": 12, "completion_tokens": 5, "cost_usd_micro": 80,
+                                    "pii_detected": True})])
+        rollups_change(cur, [(row, dict(row))])  # nothing changed: nothing written
+        # A span that stops counting (it turned out to be a duplicate) leaves the sums.
+        tool = {**row, "kind": "TOOL"}
+        rollups_change(cur, [(tool, {**tool, "prompt_tokens": 3})])
+    assert sums(project) == {"spans": 1, "errors": 0, "prompt_tokens": 12, "completion_tokens": 5,
+                             "cost_usd_micro": 80, "pii": 1, "injections": 0}
+    assert user_sums(project, "u-1") == (1, 80, 12, 5)
+    from ingest.models import LatencyRollup
+
+    hists = LatencyRollup.objects.filter(project=project)
+    assert sum(sum(h.latency) for h in hists) == 1 and sum(sum(h.ttft) for h in hists) == 1
+    with connection.cursor() as cur:
+        counted = {**row, "prompt_tokens": 12, "completion_tokens": 5, "cost_usd_micro": 80, "pii_detected": True}
+        rollups_change(cur, [(counted, {**counted, "duplicate_of": "other"})])
+    assert sums(project) == {"spans": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                             "cost_usd_micro": 0, "pii": 0, "injections": 0}
+    assert sum(sum(h.latency) for h in LatencyRollup.objects.filter(project=project)) == 0
 
 
 def test_the_span_s_own_text_wins(post):
     rec, events = Recorder(), Events()
     span = chat_span(rec, {"gen_ai.input.messages": '[{"role":"user","parts":[{"type":"text","content":"own"}]}]'})
     events.chat(span)
+    events.emit(span, "gen_ai.choice", {"index": 1, "finish_reason": "length", "message": {"content": "x"}})
     assert post("/v1/logs", events.protobuf()).status_code == 200
     assert post("/v1/traces", rec.protobuf()).status_code == 200
     got = stored(span)
-    assert got.prompt == "own" and got.response == CHOICE["content"]
+    assert got.prompt == "own" and got.response == f"assistant: {CHOICE['content']}\nassistant: x"
+    assert got.finish_reason == "stop"  # the span's own, and the first choice's
+
+
+def test_the_span_s_own_finish_reason_wins_over_a_later_event(post):
+    rec, events = Recorder(), Events()
+    span = chat_span(rec)
+    assert post("/v1/traces", rec.protobuf()).status_code == 200
+    events.emit(span, "gen_ai.choice", {"index": 0, "finish_reason": "length", "message": CHOICE})
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    got = stored(span)
+    assert got.finish_reason == "stop" and got.response == CHOICE["content"]
 
 
 def _raw_pending_text() -> str:
@@ -226,15 +388,22 @@ def test_pii_in_an_event_is_redacted_before_the_pending_table_and_the_span(post)
     assert got.prompt_hash is None  # a prompt with PII keeps no derived fields
 
 
-def test_pii_in_an_event_after_the_span_is_redacted_and_flags_are_merged(post):
+def test_pii_in_an_event_after_the_span_is_redacted_and_flags_are_merged(post, project):
     rec, events = Recorder(), Events()
     span = chat_span(rec)
     assert post("/v1/traces", rec.protobuf()).status_code == 200
+    assert sums(project)["pii"] == 0
     events.chat(span, messages=[{"role": "user", "content": f"I am {EMAIL}"}], choices=())
     assert post("/v1/logs", events.protobuf()).status_code == 200
     got = stored(span)
     assert got.prompt == "I am [EMAIL]" or (EMAIL not in got.prompt and "EMAIL" in got.prompt)
     assert got.pii_detected and got.matched_patterns == ["email"] and got.response is None
+    # The console's counts follow: the span is flagged once, still counted once.
+    assert sums(project)["pii"] == 1 and sums(project)["spans"] == 1
+    events.exporter.clear()
+    events.chat(span, messages=(), choices=({"role": "assistant", "content": f"Noted, {EMAIL}"},))
+    assert post("/v1/logs", events.protobuf()).status_code == 200
+    assert stored(span).response and sums(project)["pii"] == 1
 
 
 def test_drop_mode_keeps_no_text_but_the_flag(post, project):
@@ -380,6 +549,7 @@ def test_other_conventions_event_name_attribute_details_and_openllmetry(post):
     assert post("/v1/traces", rec.protobuf()).status_code == 200
     assert (stored(old).prompt, stored(old).response) == ("Hello?", "Hi.")
     assert (stored(details).prompt, stored(details).response) == ("system: Be brief.\nuser: Weather?", "Sunny.")
+    assert PendingContent.objects.count() == 0
     assert (stored(openllmetry).prompt, stored(openllmetry).response) == ("Translate: chat", "cat")
     assert stored(tools).prompt == ('user: Weather in Paris?\nassistant: [tool_call get_weather({"city":"Paris"})]\n'
                                     "tool: 18C")
