@@ -1101,5 +1101,25 @@ def map_request(request: ExportTraceServiceRequest) -> Mapped:
                     spans.append(map_span(span, resource, scope_name))
                 except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                     rejected.append(MappedRejection(span.span_id.hex(), f"span could not be mapped: {exc}"))
+    _ttft_from_inner_spans(spans)
     return Mapped(spans, rejected)
+
+
+def _ttft_from_inner_spans(spans: list[dict]) -> None:
+    """A model call traced twice, one span inside the other (OpenInference's anthropic span around the anthropic
+    SDK's own, the same response id): the outer one, which has no first-chunk time, gets the inner one's,
+    measured from its own start."""
+    by_id = {span["span_id"]: span for span in spans}
+    for inner in spans:
+        outer = by_id.get(inner.get("parent_span_id"))
+        if (outer is None or inner.get("latency_ms_ttft") is None or outer.get("latency_ms_ttft") is not None
+                or not inner.get("response_id") or inner.get("response_id") != outer.get("response_id")
+                or outer.get("trace_id") != inner.get("trace_id") or outer.get("kind") != inner.get("kind")
+                or TTFT_UNSTREAMED_KEY in outer["metadata"]
+                or not (outer.get("timestamp_utc") and inner.get("timestamp_utc"))):
+            continue
+        ttft = inner["latency_ms_ttft"] + (inner["timestamp_utc"] - outer["timestamp_utc"]).total_seconds() * 1000.0
+        if 0 <= ttft <= (outer.get("latency_ms_total") or ttft):
+            outer["latency_ms_ttft"] = ttft
+            outer["metadata"]["llm_observe.ttft_from_span"] = inner["span_id"]
 

@@ -387,6 +387,10 @@ def test_openinference_anthropic_3_1_0_over_the_anthropic_sdks_own_spans():
     assert plain.get("latency_ms_ttft") is None
     assert 0 < streamed["latency_ms_ttft"] <= streamed["latency_ms_total"]  # gen_ai.response.time_to_first_chunk
     assert oi[1]["prompt"] == "system: You are a terse assistant.\nuser: Say hello (streamed call)"
+    # OpenInference's span has no first-chunk event: the SDK's span inside it (same response id) says it
+    assert streamed["latency_ms_ttft"] < oi[1]["latency_ms_ttft"] < oi[1]["latency_ms_total"]
+    assert oi[1]["metadata"]["llm_observe.ttft_from_span"] == streamed["span_id"]
+    assert oi[0].get("latency_ms_ttft") is None  # not streamed
     failed_sdk, failed_oi = sdk[2], oi[2]
     # the SDK's span says error.type invalid_request_error (the API's words): stored as the class it raised
     assert failed_sdk["error_type"] == "BadRequestError" and "response_id" not in failed_sdk
@@ -547,3 +551,23 @@ def test_pydantic_ai_agent_run_without_final_result_answers_with_its_last_messag
         {"role": "assistant", "parts": [{"type": "text", "content": "Hello"}], "finish_reason": "stop"}]).decode()})
     assert (span["kind"], span["prompt"], span["response"]) == ("AGENT", "Hi", "Hello")
     assert "pydantic_ai.all_messages" not in span["metadata"]
+
+
+def test_ttft_of_an_inner_span_of_the_same_call_only():
+    rec = Recorder()
+    with rec.span("outer", start_ms=0, end_ms=900, attributes={"openinference.span.kind": "LLM",
+                                                                "llm.model_name": "m", "llm.response.id": "r1"}):
+        with rec.span("inner", start_ms=100, end_ms=800, attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.response.id": "r1",
+                "gen_ai.response.time_to_first_chunk": 0.2}):
+            pass
+    with rec.span("other-outer", start_ms=0, end_ms=900, attributes={"openinference.span.kind": "LLM",
+                                                                      "llm.model_name": "m", "llm.response.id": "r2"}):
+        with rec.span("other-inner", start_ms=100, end_ms=800, attributes={
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": "m", "gen_ai.response.id": "r3",
+                "gen_ai.response.time_to_first_chunk": 0.2}):
+            pass
+    spans = mapped(rec)
+    assert spans["inner"]["latency_ms_ttft"] == pytest.approx(200.0)
+    assert spans["outer"]["latency_ms_ttft"] == pytest.approx(300.0)
+    assert spans["other-outer"].get("latency_ms_ttft") is None  # another response: another call
