@@ -375,6 +375,7 @@ class PendingContent(models.Model):
     response_patterns = models.JSONField(null=True)
     scan_status = models.CharField(max_length=8, null=True)
     events = models.PositiveIntegerField(default=1, help_text="log records merged into this row")
+    finish_reason = models.CharField(max_length=32, null=True)  # of the choice event, for a span that has none
     received_at = models.DateTimeField()
     expires_at = models.DateTimeField(db_index=True)
 

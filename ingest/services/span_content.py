@@ -20,9 +20,7 @@ include_usage) is counted from: when it fills such a span, its tokens are estima
 priced (spans.span_tokens_and_cost), counted again from the fuller text when a later export
 brings the rest of an estimated span's text, and the hourly roll-ups get what changed
 (rollups_change: the span itself is counted once). The choice's finish reason fills a span
-that has none (a stream's span often carries none). While pending, the finish reason rides
-in `response_patterns`, as {"patterns": [...], "finish_reason": ...} (PendingContent has no
-column of its own for it; a plain list is read as before).
+that has none (a stream's span often carries none).
 """
 
 from __future__ import annotations
@@ -240,8 +238,7 @@ def _pending_row(project_id: int, content: Content, received_at: datetime, expir
             fields.update({name: part.text, f"{name}_pii": part.pii, f"{name}_injection": part.injection,
                            f"{name}_patterns": list(part.patterns) or None})
     if content.finish_reason:
-        fields["response_patterns"] = {"patterns": fields.get("response_patterns"),
-                                       "finish_reason": content.finish_reason}
+        fields["finish_reason"] = content.finish_reason
     error = any(p is not None and p.scan_error for p in (content.prompt, content.response))
     return PendingContent(project_id=project_id, trace_id=content.trace_id, span_id=content.span_id,
                           scan_status="error" if error else "ok", events=content.events,
@@ -298,7 +295,7 @@ def content_ingest(*, project, items: list[SpanContent], received_at: datetime |
 # --- the span lands ----------------------------------------------------------------
 _PENDING_COLUMNS = ("id", "project_id", "trace_id", "span_id", "prompt", "prompt_pii", "prompt_injection",
                     "prompt_patterns", "response", "response_pii", "response_injection", "response_patterns",
-                    "scan_status", "events")
+                    "scan_status", "events", "finish_reason")
 _TAKE_SQL = f"""
 DELETE FROM ingest_pendingcontent p
 USING jsonb_to_recordset(%s::jsonb) AS k(p bigint, s varchar, t varchar)
@@ -317,10 +314,7 @@ def _json(value):
 
 
 def _patterns(value) -> tuple[str, ...]:
-    value = _json(value)
-    if isinstance(value, dict):  # {"patterns": [...], "finish_reason": ...}
-        value = value.get("patterns")
-    return tuple(value or ())
+    return tuple(_json(value) or ())
 
 
 def _from_pending(values) -> tuple[int, Content]:
@@ -330,10 +324,8 @@ def _from_pending(values) -> tuple[int, Content]:
         if row[name] is not None or row[f"{name}_pii"]:
             parts[name] = Part(row[name], row[f"{name}_pii"], row[f"{name}_injection"],
                                _patterns(row[f"{name}_patterns"]), row["scan_status"] == "error")
-    carrier = _json(row["response_patterns"])
-    reason = carrier.get("finish_reason") if isinstance(carrier, dict) else None
     return row["project_id"], Content(row["trace_id"], row["span_id"], parts.get("prompt"), parts.get("response"),
-                                      row["events"], reason)
+                                      row["events"], row["finish_reason"])
 
 
 def content_merge_pending(*, cursor, rows: list[dict]) -> int:

@@ -222,7 +222,8 @@ def test_a_call_without_token_counts_is_estimated_and_priced_from_the_text(post,
     span = chat_span(rec, STREAM)
     events.chat(span)
     assert post("/v1/logs", events.protobuf()).status_code == 200
-    assert PendingContent.objects.get().response_patterns == {"patterns": None, "finish_reason": "stop"}
+    pending = PendingContent.objects.get()
+    assert (pending.finish_reason, pending.response_patterns) == ("stop", None)
     assert post("/v1/traces", rec.protobuf()).status_code == 200
     assert_estimated_and_counted(stored(span), project)
 
