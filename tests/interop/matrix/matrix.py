@@ -3,17 +3,26 @@
 `libs/<lib>/expected.yaml` (data, not code):
 
     library: what is tested, with versions
-    calls:                      # in the order the script makes them; each call is its own trace
+    calls:                      # in the order the script makes them; each call is one trace (or `traces: N`)
       plain:
         - span: llm             # a label, used by `parent` / `duplicate_of` and in the report
           select: {depth: 0, index: 0}   # where in the call's span tree (depth 0 = root; index among that
-                                         # depth's spans by start time)
+                                         # depth's spans by start time; `name:` keeps only spans of that name;
+                                         # `counted: true` only spans that are no duplicate, false only those
+                                         # that are: a call seen by two instrumentations has one span that
+                                         # counts, whichever the appliance chose)
           want: {field: expectation, ...}
+
+A call is the traces that belong together: those sharing a response id or linked by `duplicate_of`, or
+overlapping in time (two instrumentations that each start a trace for the same call, e.g. OpenLLMetry beside
+the anthropic SDK's own tracing; the scripts make their calls one after another). A call with more than one
+trace says so as a mapping `{traces: N, each: [span, ...]}`; every other call must be exactly one trace.
 
 An expectation is a value (equal), null (must be absent), or a mapping of checks that must all hold:
 `contains: text`, `once: text` (occurs exactly once), `not_contains: text`, `present: true`, `gt: n`,
-`between: [a, b]`, `less_than_field: other_field`, `cost: true` (the span's own tokens priced with
-config/model_prices.yaml, as the appliance does: one ROUND_HALF_UP at the end), `in: [a, b]`.
+`between: [a, b]`, `less_than_field: other_field`, `cost: model` (the span's own tokens priced with
+config/model_prices.yaml, as the appliance does: one ROUND_HALF_UP at the end; `cost: {model: m, prompt_tokens: n,
+completion_tokens: n, cached_tokens: n}` prices those tokens instead), `in: [a, b]`.
 `parent` and `duplicate_of` name another span's label (or null). A call can say `spans: N` for the
 number of spans its trace must have (default: as many as listed). A span may list `gaps: {field: why}`:
 data the library itself does not send (or sends wrong), which the appliance cannot make up; a failed
@@ -25,6 +34,7 @@ Each checked field belongs to one matrix column (COLUMNS); a cell is ok, WRONG(g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -129,10 +139,13 @@ def check(field_name: str, got: Any, want: Any, span: dict, service: str = "") -
         elif op == "in":
             ok = got in arg
         elif op == "cost":
-            want_cost = expected_cost(arg, span)
+            # {cost: model}: the span's own tokens priced; {cost: {model: m, prompt_tokens: n, ...}}: those tokens
+            want_cost = expected_cost(arg, span) if isinstance(arg, str) else expected_cost(arg["model"], arg)
             ok = want_cost is not None and got == want_cost
             if not ok:
-                problems.append(f"got {_short(got)}, want {want_cost} ({arg} x the span's tokens)")
+                priced = f"{arg} x the span's tokens" if isinstance(arg, str) else \
+                    f"{arg['model']} x " + ", ".join(f"{k} {v}" for k, v in arg.items() if k != "model")
+                problems.append(f"got {_short(got)}, want {want_cost} ({priced})")
                 continue
         else:
             raise ValueError(f"unknown check {op!r} for {field_name}")
@@ -195,32 +208,83 @@ def traces_in_order(spans: list[dict]) -> list[list[dict]]:
     return sorted(groups, key=lambda g: g[0]["timestamp_utc"])
 
 
+def _interval(trace: list[dict]) -> tuple[datetime, datetime]:
+    starts = [datetime.fromisoformat(str(s["timestamp_utc"]).replace("Z", "+00:00")) for s in trace]
+    ends = [start + timedelta(milliseconds=s.get("latency_ms_total") or 0) for start, s in zip(starts, trace)]
+    return min(starts), max(ends)
+
+
+def calls_in_order(spans: list[dict]) -> list[list[list[dict]]]:
+    """The traces grouped by call (see the module doc), calls in the order their first span started."""
+    traces = traces_in_order(spans)
+    group = list(range(len(traces)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        group[find(i)] = find(j)
+
+    trace_of_span = {s["span_id"]: i for i, trace in enumerate(traces) for s in trace}
+    trace_of_response: dict[str, int] = {}
+    for i, trace in enumerate(traces):
+        for s in trace:
+            if s.get("duplicate_of") in trace_of_span:
+                join(i, trace_of_span[s["duplicate_of"]])
+            if s.get("response_id"):
+                join(i, trace_of_response.setdefault(s["response_id"], i))
+    intervals = [_interval(trace) for trace in traces]
+    for i in range(len(traces)):
+        for j in range(i + 1, len(traces)):
+            if intervals[i][0] < intervals[j][1] and intervals[j][0] < intervals[i][1]:
+                join(i, j)
+    calls: dict[int, list[list[dict]]] = {}
+    for i, trace in enumerate(traces):
+        calls.setdefault(find(i), []).append(trace)
+    return sorted(calls.values(), key=lambda c: c[0][0]["timestamp_utc"])
+
+
 def evaluate(lib: str, expected: dict, spans: list[dict], run: dict, service: str = "") -> Result:
     result = Result(lib, expected.get("library", lib))
     result.record("run", run.get("problem"), "script")
     calls: dict[str, list[dict]] = expected["calls"]
-    traces = traces_in_order(spans)
-    if len(traces) != len(calls):
-        result.record("spans", f"{len(traces)} traces stored, want {len(calls)} (one per call: "
-                      f"{', '.join(calls)})", "all calls")
-    for (call, wanted), trace in zip(calls.items(), traces):
+    grouped = calls_in_order(spans)
+    if len(grouped) != len(calls):
+        result.record("spans", f"{len(grouped)} calls stored ({len(traces_in_order(spans))} traces), want "
+                      f"{len(calls)}: {', '.join(calls)}", "all calls")
+    for (call, wanted), traces in zip(calls.items(), grouped):
         n_want = wanted.get("spans") if isinstance(wanted, dict) else None
         span_specs = wanted["each"] if isinstance(wanted, dict) else wanted
         n_want = n_want or len(span_specs)
+        traces_want = (wanted.get("traces") if isinstance(wanted, dict) else None) or 1
+        trace = sorted((s for t in traces for s in t), key=lambda s: (s["timestamp_utc"], s["span_id"]))
+        result.record("spans", None if len(traces) == traces_want else
+                      f"{len(traces)} traces ({'; '.join(', '.join(str(s.get('name')) for s in t) for t in traces)})"
+                      f", want {traces_want}", call)
         result.record("spans", None if len(trace) == n_want else
                       f"{len(trace)} spans ({', '.join(str(s.get('name')) for s in trace)}), want {n_want}", call)
         depth = _tree(trace)
         labelled: dict[str, dict] = {}
         for spec in span_specs:
             select = spec.get("select", {})
-            at_depth = [s for s in trace if depth[s["span_id"]] == select.get("depth", 0)]
+            at_depth = [s for s in trace if depth[s["span_id"]] == select.get("depth", 0)
+                        and select.get("name", s.get("name")) == s.get("name")
+                        and select.get("counted", s.get("duplicate_of") is None) == (s.get("duplicate_of") is None)]
             index = select.get("index", 0)
             if index >= len(at_depth):
-                result.record("spans", f"no span {spec['span']!r} at depth {select.get('depth', 0)} "
+                named = f" named {select['name']!r}" if "name" in select else ""
+                if "counted" in select:
+                    named += " that counts the call" if select["counted"] else " that is a duplicate"
+                result.record("spans", f"no span {spec['span']!r}{named} at depth {select.get('depth', 0)} "
                               f"index {index}", call)
                 continue
             labelled[spec["span"]] = at_depth[index]
-        label_of = {s["span_id"]: label for label, s in labelled.items()}
+        labels_of: dict[str, list[str]] = {}  # one span may have two labels (by name, and by counted)
+        for label, s in labelled.items():
+            labels_of.setdefault(s["span_id"], []).append(label)
         for spec in span_specs:
             span = labelled.get(spec["span"])
             where = f"{call}/{spec['span']}"
@@ -231,8 +295,9 @@ def evaluate(lib: str, expected: dict, spans: list[dict], run: dict, service: st
                     continue
                 if field_name in ("parent", "duplicate_of"):
                     ref = span.get("parent_span_id" if field_name == "parent" else "duplicate_of")
-                    got = None if ref is None else label_of.get(ref, f"<{ref}>")
-                    problem = None if got == want else f"got {got}, want {want}"
+                    got = None if ref is None else "/".join(labels_of.get(ref, [f"<{ref}>"]))
+                    ok = ref is None if want is None else ref == (labelled.get(want) or {}).get("span_id")
+                    problem = None if ok else f"got {got}, want {want}"
                 else:
                     problem = check(field_name, span.get(field_name), want, span, service)
                 if problem:

@@ -10,11 +10,12 @@ import anthropic  # noqa: E402
 import openai  # noqa: E402
 from traceloop.sdk import Traceloop  # noqa: E402
 
-# per Traceloop's docs for any OTLP backend: the base URL (the SDK appends /v1/traces) and the headers
+# per Traceloop's docs for any OTLP backend: the base URL (the SDK appends /v1/traces) and the headers. Batched
+# export, Traceloop's default (what users run): the spans of a call arrive in one request.
 Traceloop.init(app_name=SERVICE, api_endpoint=APPLIANCE_URL, headers={"Authorization": f"Bearer {API_KEY}"},
-               disable_batch=True, telemetry_enabled=False)
+               telemetry_enabled=False)
 
 openai_calls(openai, openai.OpenAI(base_url=OPENAI_URL, api_key="sk-fake", max_retries=0), prefix="openai-")
 anthropic_calls(anthropic, anthropic.Anthropic(base_url=ANTHROPIC_URL, api_key="sk-ant-fake", max_retries=0),
                 prefix="anthropic-")
-Traceloop.flush() if hasattr(Traceloop, "flush") else None
+# Traceloop's atexit handler flushes the batch at exit (Traceloop has no flush())
