@@ -70,7 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError:
                 body = {"_raw": raw.decode(errors="replace")}
-        self.server.save(signal, body, dict(self.headers), content_type)
+        self.server.save(signal, body, self.headers, content_type)  # a Message: any case of a name
         if response_type is not None and content_type == "application/x-protobuf":
             data, reply_type = response_type().SerializeToString(), "application/x-protobuf"
         else:
@@ -92,7 +92,7 @@ class _Receiver(ThreadingHTTPServer):
         self.headers: list[dict] = []
         self._lock = threading.Lock()
 
-    def save(self, signal: str, body: Any, headers: dict, content_type: str) -> None:
+    def save(self, signal: str, body: Any, headers: Any, content_type: str) -> None:
         with self._lock:
             self.count += 1
             n = self.count
