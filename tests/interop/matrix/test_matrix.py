@@ -76,7 +76,9 @@ def run_one(app: Appliance, fake: FakeProvider, lib: str) -> tuple[str, dict, li
         missing = [c for c in expected["calls"] if c not in [x["call"] for x in calls]]
         if missing:
             problem = f"calls not made: {missing}"
-    want = sum(len(v["each"] if isinstance(v, dict) else v) for v in expected["calls"].values())
+    # spans to wait for: a call's `spans: N`, else one per label (two labels may name one span: `counted`)
+    want = sum((v.get("spans") or len(v["each"])) if isinstance(v, dict) else len(v)
+               for v in expected["calls"].values())
     spans = stored_spans(app, key, want, timeout=60 if not problem else 10)
     return lib, {"problem": problem, "service": service, "stdout": result.stdout, "stderr": result.stderr}, spans, \
         time.monotonic() - started
