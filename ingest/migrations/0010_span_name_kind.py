@@ -3,7 +3,7 @@
 `kind` says what a span is (LLM, CHAIN, TOOL, AGENT, RETRIEVER, EMBEDDING, RERANKER,
 GUARDRAIL, EVALUATOR, UNKNOWN): only model calls are priced. `response_id` is the
 provider's id of the answer; when two spans carry the same one (an instrumentation's
-span beside the client library's own, in one trace or started together), the later is stored with
+span beside the client library's own, running at the same time), the later is stored with
 `duplicate_of` naming the first and without tokens or cost, so the call is counted once.
 
 Adding nullable columns to the partitioned table touches no row. The kind index serves

@@ -126,11 +126,17 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
     return result
 
 
-# Two spans with the same response id are one call when they are in one trace, or (two
-# instrumentations that each start their own trace, e.g. OpenLLMetry beside the anthropic SDK's own
-# tracing) when they started this close together. Response ids are unique per call, but a cache
-# in front of the provider may hand the same answer, id included, to later calls.
-_SAME_CALL_OTHER_TRACE = timedelta(minutes=2)
+# Two spans with the same response id are one call when they ran at the same time: both wrap the
+# same request (an instrumentation's span and the client library's own, in one trace or, for
+# OpenLLMetry beside the anthropic SDK, in two). Real response ids are unique, but a mock provider
+# or a cache may hand the same id to many calls: those ran one after the other, not together.
+# The tolerance covers rounding and two clocks of one host.
+_OVERLAP_TOLERANCE = timedelta(seconds=1)
+
+
+def _interval(row: dict) -> tuple[datetime, datetime]:
+    start = row["timestamp_utc"]
+    return start, start + timedelta(milliseconds=row["latency_ms_total"] or 0)
 
 
 def _call_key(row: dict) -> tuple | None:
@@ -140,8 +146,8 @@ def _call_key(row: dict) -> tuple | None:
 
 
 def _same_call(carrier: dict, row: dict) -> bool:
-    return (carrier["trace_id"] == row["trace_id"]
-            or abs(carrier["timestamp_utc"] - row["timestamp_utc"]) <= _SAME_CALL_OTHER_TRACE)
+    (a_start, a_end), (b_start, b_end) = _interval(carrier), _interval(row)
+    return a_start <= b_end + _OVERLAP_TOLERANCE and b_start <= a_end + _OVERLAP_TOLERANCE
 
 
 def _carrier_rank(row: dict) -> tuple:
@@ -365,16 +371,12 @@ def _copy_and_insert(rows: list[dict]) -> int:
 # Spans stored earlier (another batch) that carry the tokens and cost of a call.
 _CARRIERS_SQL = """
 SELECT k.i, min(s.span_id)
-FROM jsonb_to_recordset(%s::jsonb) AS k(i int, p bigint, t varchar, r varchar, lo timestamptz, hi timestamptz,
-                                        near_lo timestamptz, near_hi timestamptz)
+FROM jsonb_to_recordset(%s::jsonb) AS k(i int, p bigint, r varchar, lo timestamptz, hi timestamptz)
 JOIN ingest_span s ON s.project_id = k.p AND s.response_id = k.r AND s.duplicate_of IS NULL
-    AND s.timestamp_utc BETWEEN k.lo AND k.hi
-    AND (s.trace_id = k.t OR s.timestamp_utc BETWEEN k.near_lo AND k.near_hi)
+    AND s.timestamp_utc BETWEEN k.lo - interval '1 day' AND k.hi
+    AND s.timestamp_utc + coalesce(s.latency_ms_total, 0) * interval '1 millisecond' >= k.lo
 GROUP BY k.i
 """
-# Two spans of one trace with the same response id are at most this far apart (the second is the
-# same call seen by a second instrumentation); the bound keeps the lookup on a few partitions.
-_CALL_WINDOW = timedelta(days=1)
 
 
 def _link_calls_stored(cur, rows: list[dict]) -> None:
@@ -385,10 +387,9 @@ def _link_calls_stored(cur, rows: list[dict]) -> None:
     # Two batches carrying the two spans of one call must not both see no carrier: one waits.
     for key in sorted({key for key, _ in keyed}):
         cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 13))", [orjson.dumps(key).decode()])
-    lookup = [{"i": i, "p": key[0], "r": key[1], "t": row["trace_id"],
-               "lo": row["timestamp_utc"] - _CALL_WINDOW, "hi": row["timestamp_utc"] + _CALL_WINDOW,
-               "near_lo": row["timestamp_utc"] - _SAME_CALL_OTHER_TRACE,
-               "near_hi": row["timestamp_utc"] + _SAME_CALL_OTHER_TRACE} for i, (key, row) in enumerate(keyed)]
+    # Stored spans that ran at the same time as the new one (a span longer than a day is not a call).
+    lookup = [{"i": i, "p": key[0], "r": key[1], "lo": _interval(row)[0] - _OVERLAP_TOLERANCE,
+               "hi": _interval(row)[1] + _OVERLAP_TOLERANCE} for i, (key, row) in enumerate(keyed)]
     cur.execute(_CARRIERS_SQL, [orjson.dumps(lookup).decode()])
     carriers = dict(cur.fetchall())
     for i, (_, row) in enumerate(keyed):

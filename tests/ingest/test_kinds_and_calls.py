@@ -172,7 +172,7 @@ def test_the_carrier_keeps_what_only_the_duplicate_saw(api, prices):
 
 
 @pytest.mark.parametrize("batches", ["one batch", "two batches"])
-def test_one_call_in_two_traces_started_together_costs_once(api, prices, project, batches):
+def test_one_call_in_two_traces_costs_once(api, prices, project, batches):
     # OpenLLMetry's span and the anthropic SDK's own span of one call land in two traces.
     native, instrumented = _call_pair(trace="trace-one", response_id="msg_2traces")
     instrumented["trace_id"] = "trace-two"
@@ -202,3 +202,27 @@ def test_sdk_kafka_messages_carry_kind_and_name_as_metadata_the_consumer_promote
     # A user's own "kind" that names no kind stays metadata: the span must not be refused for it.
     span = _client_span({"span_id": "s", "trace_id": "t", "metadata": {"kind": "summary"}})
     assert "kind" not in span and span["metadata"] == {"kind": "summary"}
+
+
+@pytest.mark.parametrize("batches", ["one batch", "two batches"])
+def test_a_mock_provider_answering_every_call_with_one_id_is_not_one_call(api, prices, project, batches):
+    # Calls made one after the other, each answered "chatcmpl-123" (a test double, a cache): not the same call.
+    calls = [span(trace_id="trace-mock", model="gpt-4o-mini", provider="openai", prompt_tokens=10,
+                  completion_tokens=2, response_id="chatcmpl-123", latency_ms_total=500.0,
+                  timestamp_utc=_at(2, ms=3000 * i)) for i in range(3)]
+    if batches == "one batch":
+        assert api.post("/v1/spans", calls).status_code == 202
+    else:
+        for call in calls:
+            assert api.post("/v1/spans", call).status_code == 202
+    assert [_read(api, c["span_id"])["duplicate_of"] for c in calls] == [None, None, None]
+    assert _totals(project)["spans"] == 3
+
+
+def test_the_client_librarys_span_inside_the_instrumentations_is_the_same_call(api, prices, project):
+    outer, inner = _call_pair(trace="trace-nested", response_id="msg_nested")
+    outer.update(latency_ms_total=900.0)
+    inner.update(timestamp_utc=_at(2, ms=150), latency_ms_total=600.0)
+    assert api.post("/v1/spans", outer).status_code == 202
+    assert api.post("/v1/spans", inner).status_code == 202
+    assert _read(api, inner["span_id"])["duplicate_of"] == outer["span_id"]

@@ -52,6 +52,11 @@ def _pid_from(path: Path) -> int | None:
     return int(first) if first.isdigit() else None
 
 
+def _chat_attributes() -> dict:
+    # Tests of one appliance run seconds apart: their calls must not share a response id (one call).
+    return genai_chat_attributes(**{"gen_ai.response.id": f"chatcmpl-{uuid.uuid4().hex}"})
+
+
 class Appliance:
     def __init__(self, data_dir: Path, log: Path) -> None:
         self.data_dir, self.log = data_dir, log
@@ -151,7 +156,7 @@ def test_otel_sdk_protobuf_export_of_genai_spans(appliance, monkeypatch):
     provider, tracer, results = sdk_tracer(appliance, "e2e-otel-pb")
     with tracer.start_as_current_span("POST /chat", kind=SpanKind.SERVER) as root:
         with tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT,
-                                          attributes=genai_chat_attributes()) as llm:
+                                          attributes=_chat_attributes()) as llm:
             pass
         with tracer.start_as_current_span("chat claude", attributes={
                 "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic",
@@ -177,7 +182,7 @@ def test_otel_sdk_protobuf_export_of_genai_spans(appliance, monkeypatch):
 def test_otlp_json_body_of_the_same_kind_of_spans(appliance):
     rec = Recorder(service="e2e-otel-json")
     with rec.span("POST /chat", end_ms=2000) as root:
-        with rec.span("chat gpt-4o", start_ms=10, end_ms=1900, attributes=genai_chat_attributes()) as llm:
+        with rec.span("chat gpt-4o", start_ms=10, end_ms=1900, attributes=_chat_attributes()) as llm:
             pass
     response = httpx.post(f"{appliance.url}/v1/traces", content=rec.json(),
                           headers={**appliance.auth, "Content-Type": "application/json"}, timeout=30)
@@ -412,7 +417,7 @@ def test_chunked_bodies_are_read_and_stored_on_every_route(appliance, tmp_path):
     assert status == 200 and orjson.loads(answer)["recorded_count"] == 1, answer
 
     rec = Recorder(service=service)
-    with rec.span("chat gpt-4o", end_ms=100, attributes=genai_chat_attributes()) as llm:
+    with rec.span("chat gpt-4o", end_ms=100, attributes=_chat_attributes()) as llm:
         pass
     status, answer = _curl_chunked(appliance, "/v1/traces", rec.json(), tmp_path)
     assert (status, orjson.loads(answer)) == (200, {})
