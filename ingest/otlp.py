@@ -703,7 +703,25 @@ def _response_id(attrs: dict) -> str | None:
     body = _json_or_value(attrs.get("output.value")) if attrs.get("output.mime_type") == "application/json" else None
     if isinstance(body, dict) and isinstance(body.get("id"), str) and ("object" in body or "type" in body):
         return body["id"]
-    return None
+    answer = _langchain_answer_metadata(body)
+    return answer["id"] if isinstance(answer.get("id"), str) else None
+
+
+def _answered_model(attrs: dict) -> str | None:
+    if attrs.get("output.mime_type") != "application/json":
+        return None
+    name = _langchain_answer_metadata(_json_or_value(attrs.get("output.value"))).get("model_name")
+    return name if isinstance(name, str) and name else None
+
+
+def _langchain_answer_metadata(body: Any) -> dict:
+    """The provider's answer metadata inside a LangChain LLMResult (OpenInference's output.value of a
+    LangChain chat model): generations[0][0].message.kwargs.response_metadata (id, model_name)."""
+    try:
+        metadata = body["generations"][0][0]["message"]["kwargs"]["response_metadata"]
+    except (KeyError, IndexError, TypeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _recover_from_span_name(attrs: dict, name: str, scope_name: str | None, invocation: dict) -> bool:
@@ -1001,6 +1019,9 @@ def _run_messages(attrs: dict) -> tuple[list, list]:
 def _map_llm(attrs: dict, out: dict, meta: dict, flat: dict, invocation: dict, scope_name: str | None) -> None:
     model = _first(attrs, _MODEL_KEYS) or (invocation.get("model") if isinstance(invocation.get("model"), str)
                                            else None)
+    answered = _answered_model(attrs)
+    if answered is not None and (model is None or (isinstance(model, str) and answered.startswith(model))):
+        model = answered  # the snapshot that answered (a LangChain stream's span names only the alias asked for)
     if model is not None:
         out["model"] = _clip("model", str(model))
         request_model = attrs.get("gen_ai.request.model")

@@ -571,3 +571,27 @@ def test_ttft_of_an_inner_span_of_the_same_call_only():
     assert spans["inner"]["latency_ms_ttft"] == pytest.approx(200.0)
     assert spans["outer"]["latency_ms_ttft"] == pytest.approx(300.0)
     assert spans["other-outer"].get("latency_ms_ttft") is None  # another response: another call
+
+
+def test_a_langchain_chat_models_answer_names_the_response_id_and_the_snapshot():
+    # OpenInference's LangChain span of a stream: llm.model_name is the alias asked for; the LLMResult
+    # in output.value carries what the provider answered.
+    import json as _json
+
+    from ingest.otlp import _langchain_answer_metadata, _response_id
+
+    result = {"generations": [[{"text": "Hi", "message": {"kwargs": {"content": "Hi", "response_metadata": {
+        "model_name": "gpt-4o-mini-2024-07-18", "id": "chatcmpl-328295d69db5", "finish_reason": "stop"}}}}]],
+        "llm_output": None}
+    attrs = {"output.value": _json.dumps(result), "output.mime_type": "application/json"}
+    assert _response_id(dict(attrs)) == "chatcmpl-328295d69db5"
+    span = one({"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini", "llm.provider": "openai",
+                **attrs}, name="ChatOpenAI")
+    assert (span["model"], span["response_id"]) == ("gpt-4o-mini-2024-07-18", "chatcmpl-328295d69db5")
+    # Another model than the one asked for is not taken for a snapshot of it.
+    other = {"generations": [[{"message": {"kwargs": {"response_metadata": {"model_name": "gpt-4.1"}}}}]]}
+    span = one({"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini", "output.value":
+                _json.dumps(other), "output.mime_type": "application/json"}, name="ChatOpenAI")
+    assert span["model"] == "gpt-4o-mini"
+    assert _langchain_answer_metadata({"generations": []}) == {}
+    assert _langchain_answer_metadata("not json") == {}
