@@ -22,7 +22,7 @@ from ingest.schemas import MAX_DEPTH, SpanIn
 from ingest.services.embeddings import embeddings_enqueue
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
-from ingest.services.rollups import rollups_add
+from ingest.services.rollups import rollups_add, rollups_change
 from ingest.services.sampling import should_sample
 from ingest.services.scanning import scan_row
 from ingest.services.span_content import content_merge_pending
@@ -132,6 +132,11 @@ def spans_prepare(*, project, items: list[Any], received_at: datetime | None = N
 # or a cache may hand the same id to many calls: those ran one after the other, not together.
 # The tolerance covers rounding and two clocks of one host.
 _OVERLAP_TOLERANCE = timedelta(seconds=1)
+# What a stored carrier is read with: enough to demote it (roll-ups, duplicate counts).
+_CARRIER_COLUMNS = ("span_id", "project_id", "timestamp_utc", "trace_id", "service_name", "model", "provider",
+                    "status", "kind", "duplicate_of", "prompt_tokens", "completion_tokens", "cached_tokens",
+                    "reasoning_tokens", "cost_usd_micro", "price_version", "latency_ms_total", "latency_ms_ttft",
+                    "finish_reason", "pii_detected", "injection_attempt", "user_id", "metadata")
 
 
 def _interval(row: dict) -> tuple[datetime, datetime]:
@@ -150,10 +155,23 @@ def _same_call(carrier: dict, row: dict) -> bool:
     return a_start <= b_end + _OVERLAP_TOLERANCE and b_start <= a_end + _OVERLAP_TOLERANCE
 
 
+# Instrumentation scopes of provider client libraries that trace themselves (the anthropic SDK 2.x):
+# their span reads the provider's answer directly, where an instrumentation around it may count wrong
+# (OpenLLMetry adds message_start's output tokens to a stream's total).
+_CLIENT_LIBRARY_SCOPES = ("com.anthropic.",)
+
+
+def _is_client_librarys(row: dict) -> bool:
+    scope = (row["metadata"] or {}).get("otel.scope")
+    return isinstance(scope, str) and scope.startswith(_CLIENT_LIBRARY_SCOPES)
+
+
 def _carrier_rank(row: dict) -> tuple:
-    # The span that keeps a call's tokens and cost: the one with provider tokens, then the earliest.
+    # The span that keeps a call's tokens and cost: one with provider tokens, the client library's
+    # own first, then the earliest.
     has_tokens = row["prompt_tokens"] is not None or row["completion_tokens"] is not None
-    return (not has_tokens, row["token_count_method"] == "estimated", row["timestamp_utc"], row["span_id"])
+    return (not has_tokens, row["token_count_method"] == "estimated", not _is_client_librarys(row),
+            row["timestamp_utc"], row["span_id"])
 
 
 def _link_calls_in_batch(rows: list[dict]) -> None:
@@ -369,18 +387,27 @@ def _copy_and_insert(rows: list[dict]) -> int:
 
 
 # Spans stored earlier (another batch) that carry the tokens and cost of a call.
-_CARRIERS_SQL = """
-SELECT k.i, min(s.span_id)
+_CARRIERS_SQL = f"""
+SELECT DISTINCT ON (k.i) k.i, {', '.join('s.' + c for c in _CARRIER_COLUMNS)}
 FROM jsonb_to_recordset(%s::jsonb) AS k(i int, p bigint, r varchar, lo timestamptz, hi timestamptz)
 JOIN ingest_span s ON s.project_id = k.p AND s.response_id = k.r AND s.duplicate_of IS NULL
     AND s.timestamp_utc BETWEEN k.lo - interval '1 day' AND k.hi
     AND s.timestamp_utc + coalesce(s.latency_ms_total, 0) * interval '1 millisecond' >= k.lo
-GROUP BY k.i
+ORDER BY k.i, s.span_id
+"""
+_DEMOTE_SQL = """
+UPDATE ingest_span SET duplicate_of = %s, prompt_tokens = NULL, completion_tokens = NULL, cached_tokens = NULL,
+    reasoning_tokens = NULL, cost_usd_micro = NULL, price_version = NULL, metadata = %s::jsonb
+WHERE project_id = %s AND timestamp_utc = %s AND span_id = %s
 """
 
 
 def _link_calls_stored(cur, rows: list[dict]) -> None:
-    """New rows describing a call that an earlier batch already stored become its duplicates."""
+    """New rows describing a call that an earlier batch already stored become its duplicates.
+
+    Unless the new row is the client library's own span and the stored one is not: then the stored
+    one becomes the duplicate (updated in place, its roll-ups taken back) and the new one carries.
+    """
     keyed = [(key, row) for row in rows if row["duplicate_of"] is None and (key := _call_key(row)) is not None]
     if not keyed:
         return
@@ -391,11 +418,25 @@ def _link_calls_stored(cur, rows: list[dict]) -> None:
     lookup = [{"i": i, "p": key[0], "r": key[1], "lo": _interval(row)[0] - _OVERLAP_TOLERANCE,
                "hi": _interval(row)[1] + _OVERLAP_TOLERANCE} for i, (key, row) in enumerate(keyed)]
     cur.execute(_CARRIERS_SQL, [orjson.dumps(lookup).decode()])
-    carriers = dict(cur.fetchall())
+    carriers = {values[0]: dict(zip(_CARRIER_COLUMNS, values[1:])) for values in cur.fetchall()}
+    demoted: list[tuple[dict, dict]] = []
     for i, (_, row) in enumerate(keyed):
         carrier = carriers.get(i)
-        if carrier is not None and carrier != row["span_id"]:
-            span_mark_duplicate(row, of=carrier)
+        if carrier is None or carrier["span_id"] == row["span_id"]:
+            continue
+        if carrier["metadata"] is not None and not isinstance(carrier["metadata"], dict):
+            carrier["metadata"] = orjson.loads(carrier["metadata"])
+        if _is_client_librarys(row) and not _is_client_librarys(carrier) and row["prompt_tokens"] is not None:
+            after = dict(carrier)
+            span_mark_duplicate(after, of=row["span_id"])
+            _inherit(row, carrier)
+            demoted.append((carrier, after))
+        else:
+            span_mark_duplicate(row, of=carrier["span_id"])
+    for before, after in demoted:
+        cur.execute(_DEMOTE_SQL, [after["duplicate_of"], orjson.dumps(after["metadata"]).decode(),
+                                  after["project_id"], after["timestamp_utc"], after["span_id"]])
+    rollups_change(cur, demoted)
 
 
 @dataclass(frozen=True)

@@ -226,3 +226,23 @@ def test_the_client_librarys_span_inside_the_instrumentations_is_the_same_call(a
     assert api.post("/v1/spans", outer).status_code == 202
     assert api.post("/v1/spans", inner).status_code == 202
     assert _read(api, inner["span_id"])["duplicate_of"] == outer["span_id"]
+
+
+@pytest.mark.parametrize("order", ["instrumentation first", "client library first", "one batch"])
+def test_the_client_librarys_own_span_carries_the_call(api, prices, project, order):
+    # OpenLLMetry counts an anthropic stream's output tokens wrong (13); the anthropic SDK's own span,
+    # in another trace, has the provider's 12. Whatever arrives first, the call costs what the provider said.
+    wrapper, native = _call_pair(trace="trace-openllmetry", response_id="msg_stream")
+    wrapper.update(completion_tokens=13, metadata={"otel.scope": "opentelemetry.instrumentation.anthropic"},
+                   latency_ms_total=1000.0)
+    native.update(trace_id="trace-sdk", parent_span_id=None, completion_tokens=12, latency_ms_total=900.0,
+                  latency_ms_ttft=210.0, metadata={"otel.scope": "com.anthropic.sdk.python"})
+    batches = {"instrumentation first": [[wrapper], [native]], "client library first": [[native], [wrapper]],
+               "one batch": [[wrapper, native]]}[order]
+    for batch in batches:
+        assert api.post("/v1/spans", batch).status_code == 202
+    carried, duplicate = _read(api, native["span_id"]), _read(api, wrapper["span_id"])
+    assert carried["duplicate_of"] is None and carried["completion_tokens"] == 12
+    assert duplicate["duplicate_of"] == native["span_id"] and duplicate["cost_usd_micro"] is None
+    assert duplicate["metadata"]["llm_observe.duplicate_counts"]["completion_tokens"] == 13
+    assert _totals(project) == {"spans": 1, "cost": round(31 * 0.8 + 12 * 4), "tokens": 31}
