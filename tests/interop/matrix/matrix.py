@@ -7,7 +7,8 @@
       plain:
         - span: llm             # a label, used by `parent` / `duplicate_of` and in the report
           select: {depth: 0, index: 0}   # where in the call's span tree (depth 0 = root; index among that
-                                         # depth's spans by start time; `name:` keeps only spans of that name;
+                                         # depth's spans by start time; `depth: any` any depth;
+                                         # `name:` keeps only spans of that name;
                                          # `counted: true` only spans that are no duplicate, false only those
                                          # that are: a call seen by two instrumentations has one span that
                                          # counts, whichever the appliance chose)
@@ -20,7 +21,7 @@ trace says so as a mapping `{traces: N, each: [span, ...]}`; every other call mu
 
 An expectation is a value (equal), null (must be absent), or a mapping of checks that must all hold:
 `contains: text`, `once: text` (occurs exactly once), `not_contains: text`, `present: true`, `gt: n`,
-`between: [a, b]`, `less_than_field: other_field`, `cost: model` (the span's own tokens priced with
+`between: [a, b]`, `less_than_field: other_field`, `at_most_field: other_field`, `cost: model` (the span's own tokens priced with
 config/model_prices.yaml, as the appliance does: one ROUND_HALF_UP at the end; `cost: {model: m, prompt_tokens: n,
 completion_tokens: n, cached_tokens: n}` prices those tokens instead), `in: [a, b]`.
 `parent` and `duplicate_of` name another span's label (or null). A call can say `spans: N` for the
@@ -133,9 +134,10 @@ def check(field_name: str, got: Any, want: Any, span: dict, service: str = "") -
             ok = isinstance(got, (int, float)) and got > arg
         elif op == "between":
             ok = isinstance(got, (int, float)) and arg[0] <= got <= arg[1]
-        elif op == "less_than_field":
+        elif op in ("less_than_field", "at_most_field"):
             other = span.get(arg)
-            ok = isinstance(got, (int, float)) and isinstance(other, (int, float)) and got < other
+            ok = isinstance(got, (int, float)) and isinstance(other, (int, float)) \
+                and (got < other if op == "less_than_field" else got <= other)
         elif op == "in":
             ok = got in arg
         elif op == "cost":
@@ -270,7 +272,7 @@ def evaluate(lib: str, expected: dict, spans: list[dict], run: dict, service: st
         labelled: dict[str, dict] = {}
         for spec in span_specs:
             select = spec.get("select", {})
-            at_depth = [s for s in trace if depth[s["span_id"]] == select.get("depth", 0)
+            at_depth = [s for s in trace if select.get("depth", 0) in (depth[s["span_id"]], "any")
                         and select.get("name", s.get("name")) == s.get("name")
                         and select.get("counted", s.get("duplicate_of") is None) == (s.get("duplicate_of") is None)]
             index = select.get("index", 0)
