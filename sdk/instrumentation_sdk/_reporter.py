@@ -246,8 +246,12 @@ class SpanReporter:
         self._lock = threading.Lock()
         self._wake = _Wake()
         self._idle = threading.Condition(threading.Lock())
-        self._busy = False
         self._cycles = 0  # sender cycles completed (each one looks at the queue, the first also at the disk)
+        # Spans the sender took from the queue, and of those the ones it has sent or written to the WAL.
+        # Written by the sender only; flush() compares them to what was queued when it was called.
+        self._taken = 0
+        self._settled = 0
+        self._disk_checked = False  # the sender looked at the disk (dead processes' spill files, WAL) for this config
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closing = False
@@ -292,6 +296,7 @@ class SpanReporter:
         if transport is not None and self._thread is None:
             transport.close()
         self._backlog = None
+        self._disk_checked = False
         self._retry_at = 0.0
         self._warned_unconfigured = False
 
@@ -466,18 +471,26 @@ class SpanReporter:
         return directory is not None and bool(_spill.spill_files(directory, _spill.spill_key(cfg.resolved_wal_path())))
 
     def _drain(self, deadline: float) -> bool:
-        """Wait until every queued span was sent or written to the WAL (durable either way)."""
+        """Wait until every span queued before this call was sent or written to the WAL (durable either way).
+
+        Only those: spans reported meanwhile (other threads, a signal handler firing every
+        millisecond) must not keep it waiting for a moment when the queue happens to be empty.
+        The queue is FIFO and the sender takes from its head and counts what it took in one step
+        under `_idle`: the spans queued now are exactly among the first len(queue) + taken it ever
+        takes (report() appends without that lock, at the tail: later spans come after them).
+        """
         if self._thread is None:
             return not self._queue
         with self._lock:
             overflow, self._overflow = self._overflow, []
         for item in overflow:
             self._queue.append(item)
-        # One whole cycle after this call: a new sender's first one also adopts dead processes' spill files.
-        target = self._cycles + 1
+        with self._idle:
+            target = len(self._queue) + self._taken
         while True:
             with self._idle:
-                if not self._queue and not self._busy and self._cycles >= target:
+                # ... and the sender looked at the disk: it adopts dead processes' spill files into the WAL.
+                if self._settled >= target and self._disk_checked:
                     return True
                 self._wake.set()
                 remaining = deadline - time.monotonic()
@@ -496,11 +509,12 @@ class SpanReporter:
         done = self._drain(time.monotonic() + timeout) if self._thread is not None else True
         self._stopped = True
         self._wake.set()
-        if not done or self._overflow:
-            self._persist_leftovers(cfg)
         thread = self._thread
         if thread is not None and done:
+            # It goes on with what was reported while _drain() waited (not its business), then ends.
             thread.join(timeout=max(0.1, min(1.0, timeout)))
+        if not done or self._overflow or self._queue:
+            self._persist_leftovers(cfg)
         spill = self._spill
         if spill:
             spill.close()  # removed when every span in it is done; otherwise left for the next process
@@ -538,20 +552,23 @@ class SpanReporter:
             if self._backlog:
                 # replaying: go on at once; backing off: wake when the backoff ends
                 wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+            if self._stopped:  # close(): what was reported while it drained, at once
+                wait = 0.0
             self._wake.wait(wait)
             self._wake.clear()
-            with self._idle:
-                self._busy = True
             try:
                 self._cycle(self.config)
             except Exception:  # noqa: BLE001 - the thread must survive anything
                 log.exception("llm-observe: sender error")
                 with self._idle:
-                    self._cycles += 1  # a failed cycle is still one: _drain() must not wait for it forever
+                    # A failed cycle is still one, and its spans are left to the spill file: _drain() must
+                    # not wait for them forever.
+                    self._cycles += 1
+                    self._settled = self._taken
+                    self._disk_checked = True
                 time.sleep(0.5)
             finally:
                 with self._idle:
-                    self._busy = False
                     self._idle.notify_all()
             if self._stopped and not self._queue:
                 return
@@ -561,36 +578,50 @@ class SpanReporter:
             self._kafka.poll()
         if self._backlog is None or time.monotonic() >= self._next_wal_check:
             self._check_wal(cfg)
+            self._disk_checked = True
         queue = self._queue
         # Fresh spans first: posted straight away while the appliance answers, into the WAL while it
         # does not. (A WAL backlog does not hold them back: the appliance orders by timestamp, and
         # replaying old rows must not make new ones wait on disk.)
-        while queue:
+        # Only the spans queued when the cycle began: spans that keep coming while it sends (a busy
+        # application, a signal handler) wait for the next cycle, woken by a full batch, the
+        # flush interval or flush(), instead of being sent one or two per request in a cycle that
+        # never ends (and never gets to the WAL backlog).
+        budget = len(queue)
+        while budget > 0 and queue:
             backing_off = self._retry_at > time.monotonic()
             # To the WAL: big transactions (one fsync each); to the appliance: one request's worth.
-            take = min(WAL_CHUNK if backing_off else cfg.batch_size, len(queue))
+            take = min(WAL_CHUNK if backing_off else cfg.batch_size, budget, len(queue))
             items = []
-            for _ in range(take):
-                try:
-                    items.append(queue.popleft())
-                except IndexError:
-                    break
-            rows = self._prepare_items(items, cfg)
-            if not rows or backing_off:
-                self._park(items, rows, cfg)
-                continue
-            self._inflight = (items, rows)
+            with self._idle:  # taken and counted in one step: see _drain()
+                for _ in range(take):
+                    try:
+                        items.append(queue.popleft())
+                    except IndexError:  # emptied by close()
+                        break
+                self._taken += len(items)
+            budget -= take
             try:
-                outcome = self._send(rows, cfg)
+                rows = self._prepare_items(items, cfg)
+                if not rows or backing_off:
+                    self._park(items, rows, cfg)
+                    continue
+                self._inflight = (items, rows)
+                try:
+                    outcome = self._send(rows, cfg)
+                finally:
+                    self._inflight = None
+                if outcome == "ok":
+                    self._backoff = 0.0
+                    self._done(items)
+                else:
+                    # A batch the appliance answered with a server error starts with one attempt counted.
+                    self._park(items, rows, cfg, attempts=int(outcome == "blamed"))
+                    self._failed(outcome)
             finally:
-                self._inflight = None
-            if outcome == "ok":
-                self._backoff = 0.0
-                self._done(items)
-            else:
-                # A batch the appliance answered with a server error starts with one attempt counted.
-                self._park(items, rows, cfg, attempts=int(outcome == "blamed"))
-                self._failed(outcome)
+                with self._idle:
+                    self._settled += len(items)  # sent, or in the WAL (or left to the spill file: it failed)
+                    self._idle.notify_all()
         if self._overflow:  # overflow leftovers (fewer than OVERFLOW_CHUNK)
             with self._lock:
                 overflow, self._overflow = self._overflow, []
@@ -598,9 +629,9 @@ class SpanReporter:
         spill = self._spill
         if spill:
             spill.collect()
-        # Everything handed to report() so far is now sent or on disk: that is what _drain() waits for.
+        # Everything queued when this cycle began is now sent or on disk (what _drain() waits for is
+        # counted per batch, above); the first cycle also looked at the disk (orphans, WAL).
         with self._idle:
-            self._busy = False
             self._cycles += 1
             self._idle.notify_all()
         # Replay the WAL while the appliance answers, oldest rows first; fresh spans go first.

@@ -191,6 +191,37 @@ def test_threads_report_concurrently(sink, delivered):
     assert len(sink.by_id) == 4000 and sink.duplicates == 0
 
 
+def test_flush_waits_only_for_what_came_before_it_and_a_steady_trickle_is_batched(sink, delivered):
+    """Another thread reports all the time (a busy service; a signal handler every 0.5 ms): flush() waits
+    for the spans reported before it was called, not for a moment when the queue happens to be empty,
+    and the sender does not chase the trickle with one or two spans per request. (Each POST takes
+    longer than the trickle's pace: the queue is never empty when one ends.)"""
+    sink.delay = 0.01
+    stop, trickled = threading.Event(), []
+
+    def trickle():
+        while not stop.is_set():
+            trickled.append(delivered.report({"span_id": f"t-{len(trickled)}"}))
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        for round in range(5):
+            for i in range(2000):
+                delivered.report({"span_id": f"m-{round}-{i}"})
+            assert delivered.flush(5), f"round {round}: {delivered.pending()} spans still pending"
+            assert all(f"m-{round}-{i}" in sink.by_id for i in range(2000))
+    finally:
+        stop.set()
+        thread.join()
+    assert delivered.flush(10)
+    assert len(sink.by_id) == 10_000 + len(trickled) and sink.duplicates == 0
+    per_request = len(sink.by_id) / len(sink.requests)
+    assert per_request >= 20, f"{len(sink.requests)} requests for {len(sink.by_id)} spans ({len(trickled)} trickled)"
+
+
 def test_report_async(sink, delivered):
     import asyncio
 
