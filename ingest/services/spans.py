@@ -276,6 +276,12 @@ def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> 
     # A prompt with PII keeps no derived fields (hash, embedding).
     hashed = sampled and row["prompt"] and not row["pii_detected"]
     row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if hashed else None
+    ttft, total = row["latency_ms_ttft"], row["latency_ms_total"]
+    if ttft is not None and total is not None and ttft > total:
+        # A first chunk after the end: the two were timed on different clocks (the anthropic SDK starts
+        # its TTFT clock before its span). Kept as sent in metadata; the span's own bound is stored.
+        row["metadata"] = {**(row["metadata"] or {}), "llm_observe.ttft_reported_ms": ttft}
+        row["latency_ms_ttft"] = total
     has_tokens = span.prompt_tokens is not None or span.completion_tokens is not None
     if row["token_count_method"] is None and has_tokens:
         row["token_count_method"] = "unspecified"

@@ -246,3 +246,12 @@ def test_the_client_librarys_own_span_carries_the_call(api, prices, project, ord
     assert duplicate["duplicate_of"] == native["span_id"] and duplicate["cost_usd_micro"] is None
     assert duplicate["metadata"]["llm_observe.duplicate_counts"]["completion_tokens"] == 13
     assert _totals(project) == {"spans": 1, "cost": round(31 * 0.8 + 12 * 4), "tokens": 31}
+
+
+def test_a_first_chunk_after_the_end_is_bounded_by_the_span(api):
+    sent = span(model="claude-haiku-4-5", latency_ms_total=1070.35, latency_ms_ttft=1073.36)
+    ok = span(model="claude-haiku-4-5", latency_ms_total=1070.35, latency_ms_ttft=240.0)
+    assert api.post("/v1/spans", [sent, ok]).status_code == 202
+    got = _read(api, sent["span_id"])
+    assert got["latency_ms_ttft"] == 1070.35 and got["metadata"]["llm_observe.ttft_reported_ms"] == 1073.36
+    assert _read(api, ok["span_id"])["latency_ms_ttft"] == 240.0
