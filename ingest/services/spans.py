@@ -190,6 +190,22 @@ def _link_calls_in_batch(rows: list[dict]) -> None:
             if row["span_id"] != carrier["span_id"] and _same_call(carrier, row):
                 _inherit(carrier, row)
                 span_mark_duplicate(row, of=carrier["span_id"])
+    _link_failed_calls_in_batch(rows)
+
+
+def _link_failed_calls_in_batch(rows: list[dict]) -> None:
+    # A failed call has no response id, but the client library's own span of it is a child of the
+    # instrumentation's span of the same call (OpenInference around the anthropic SDK): one error, not two.
+    by_id = {(row["project_id"], row["span_id"]): row for row in rows}
+    for row in rows:
+        parent = by_id.get((row["project_id"], row["parent_span_id"]))
+        if (parent is None or row["duplicate_of"] or parent["duplicate_of"] or row["response_id"]
+                or not _is_client_librarys(row) or _is_client_librarys(parent)
+                or not is_model_call(row["kind"], row["model"]) or not is_model_call(parent["kind"], parent["model"])
+                or row["status"] != "error" or parent["status"] != "error" or not _same_call(parent, row)):
+            continue
+        _inherit(row, parent)
+        span_mark_duplicate(parent, of=row["span_id"])
 
 
 def _inherit(carrier: dict, duplicate: dict) -> None:

@@ -255,3 +255,22 @@ def test_a_first_chunk_after_the_end_is_bounded_by_the_span(api):
     got = _read(api, sent["span_id"])
     assert got["latency_ms_ttft"] == 1070.35 and got["metadata"]["llm_observe.ttft_reported_ms"] == 1073.36
     assert _read(api, ok["span_id"])["latency_ms_ttft"] == 240.0
+
+
+def test_a_failed_call_traced_by_an_instrumentation_around_the_client_library_is_one_error(api, project):
+    # No response id on a 400: OpenInference's span and, as its child, the anthropic SDK's own.
+    outer = span(trace_id="trace-400", name="Messages", kind="LLM", model="claude-haiku-4-5", status="error",
+                 error_type="BadRequestError", latency_ms_total=40.0, timestamp_utc=_at(2),
+                 metadata={"otel.scope": "openinference.instrumentation.anthropic"})
+    inner = span(trace_id="trace-400", name="anthropic.messages.create", model="claude-haiku-4-5", status="error",
+                 error_type="BadRequestError", latency_ms_total=35.0, timestamp_utc=_at(2, ms=2),
+                 parent_span_id=outer["span_id"], metadata={"otel.scope": "com.anthropic.sdk.python"})
+    retry = span(trace_id="trace-400", name="Messages", kind="LLM", model="claude-haiku-4-5", status="error",
+                 latency_ms_total=40.0, timestamp_utc=_at(2, ms=5000),
+                 metadata={"otel.scope": "openinference.instrumentation.anthropic"})
+    assert api.post("/v1/spans", [outer, inner, retry]).status_code == 202
+    assert _read(api, outer["span_id"])["duplicate_of"] == inner["span_id"]
+    assert _read(api, inner["span_id"])["duplicate_of"] is None
+    assert _read(api, retry["span_id"])["duplicate_of"] is None
+    totals = SpanRollup.objects.filter(project=project).aggregate(spans=Sum("spans"), errors=Sum("errors"))
+    assert totals == {"spans": 2, "errors": 2}
