@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import phonenumbers
+
 from appliance.env import (ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, generated_secret,
                            is_loopback)
 
@@ -123,6 +125,17 @@ INGEST_MAX_BYTES = env_int("INGEST_MAX_BYTES", 5 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = INGEST_MAX_BYTES
 # Data reloaded from the admin (prices, patterns) is re-read at most this often.
 CONFIG_REFRESH_SECONDS = env_int("CONFIG_REFRESH_SECONDS", 2, minimum=0)
+
+# --- scanning -----------------------------------------------------------------
+# Phone numbers are PII when libphonenumber says they are valid numbers of one of these regions
+# (ISO 3166 codes; numbers written with +country code are checked against their own country).
+PII_PHONE_REGIONS = [r.upper() for r in env_list("PII_PHONE_REGIONS", [
+    "US", "CA", "GB", "IE", "DE", "AT", "CH", "FR", "BE", "NL", "LU", "ES", "PT", "IT", "PL", "CZ", "SE", "NO",
+    "DK", "FI", "IN", "AU", "NZ", "BR", "MX", "AR", "JP", "KR", "SG", "ZA", "AE", "IL", "TR", "PH", "NG",
+])]
+_unknown_regions = sorted(set(PII_PHONE_REGIONS) - phonenumbers.SUPPORTED_REGIONS)
+if _unknown_regions:
+    raise ConfigError(f"PII_PHONE_REGIONS: unknown region code(s) {', '.join(_unknown_regions)}")
 
 # --- metrics ------------------------------------------------------------------
 # `manage.py serve` gives every child this folder: prometheus_client's multiprocess mode, one /metrics for all.
