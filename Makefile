@@ -53,10 +53,12 @@ fuzz: install
 	LLM_OBSERVE_FUZZ_SECONDS=$(FUZZ_SECONDS) LLM_OBSERVE_FUZZ_SEED=random $(PY) -m pytest -q \
 		tests/interop/test_interop_e2e.py -k schemathesis
 
-## Benchmarks (not part of `make test`).
+## Benchmarks (not part of `make test`; bench_security installs Presidio and spaCy's small English model to compare with).
 bench: install
 	$(PY) tests/performance/bench_ingest.py
 	$(PY) tests/performance/bench_scanner.py
+	$(PY) -m pip install -q -r tests/performance/requirements-presidio.txt
+	$(PY) tests/performance/bench_security.py --split heldout
 	$(PY) tests/performance/bench_kafka.py
 	$(PY) tests/performance/bench_sdk.py
 	$(PY) tests/performance/bench_otlp.py

@@ -6,6 +6,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import phonenumbers
+from instrumentation_sdk.scanning import DEFAULT_PHONE_REGIONS
 
 from appliance.env import (ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, generated_secret,
                            is_loopback)
@@ -129,10 +130,8 @@ CONFIG_REFRESH_SECONDS = env_int("CONFIG_REFRESH_SECONDS", 2, minimum=0)
 # --- scanning -----------------------------------------------------------------
 # Phone numbers are PII when libphonenumber says they are valid numbers of one of these regions
 # (ISO 3166 codes; numbers written with +country code are checked against their own country).
-PII_PHONE_REGIONS = [r.upper() for r in env_list("PII_PHONE_REGIONS", [
-    "US", "CA", "GB", "IE", "DE", "AT", "CH", "FR", "BE", "NL", "LU", "ES", "PT", "IT", "PL", "CZ", "SE", "NO",
-    "DK", "FI", "IN", "AU", "NZ", "BR", "MX", "AR", "JP", "KR", "SG", "ZA", "AE", "IL", "TR", "PH", "NG",
-])]
+# Default: the SDK's list of 36 common regions (instrumentation_sdk.scanning.DEFAULT_PHONE_REGIONS).
+PII_PHONE_REGIONS = [r.upper() for r in env_list("PII_PHONE_REGIONS", list(DEFAULT_PHONE_REGIONS))]
 _unknown_regions = sorted(set(PII_PHONE_REGIONS) - phonenumbers.SUPPORTED_REGIONS)
 if _unknown_regions:
     raise ConfigError(f"PII_PHONE_REGIONS: unknown region code(s) {', '.join(_unknown_regions)}")
