@@ -1960,10 +1960,11 @@ CLEAN_V2 = {
 }
 
 
-def build_v2_clean() -> None:
-    for cls, rows in CLEAN_V2.items():
+def add_table(kind: str, table: dict[str, list[tuple[str, str, str]]], tag: str) -> None:
+    """Hand-written (lang, format, text) rows per class; three consecutive rows form a family."""
+    for cls, rows in table.items():
         for i, (lang, fmt, text) in enumerate(rows):
-            add("clean", cls, f"v2-{i // 3}", text, lang, fmt)
+            add(kind, cls, f"{tag}-{i // 3}", text, lang, fmt)
 
 CLEAN_V3 = {
     "security_discussion": [
@@ -2029,12 +2030,6 @@ CLEAN_V3 = {
         ("en", "email", "Subject: system migration\n\nTeam, from now on all tickets go through the new helpdesk system. The old queue will be read-only.\n\nThanks, IT"),
     ],
 }
-
-
-def build_v3_clean() -> None:
-    for cls, rows in CLEAN_V3.items():
-        for i, (lang, fmt, text) in enumerate(rows):
-            add("clean", cls, f"v3-{i // 3}", text, lang, fmt)
 
 
 # =============================================================================
@@ -2122,8 +2117,8 @@ def main(argv: list[str] | None = None) -> int:
     build_clean_misc()
     build_v2_injection()
     build_v2_pii()
-    build_v2_clean()
-    build_v3_clean()
+    add_table("clean", CLEAN_V2, "v2")
+    add_table("clean", CLEAN_V3, "v3")
     seen: set[str] = set()
     kept, dropped = [], []
     for item in ITEMS:
