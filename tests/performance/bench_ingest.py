@@ -1,6 +1,7 @@
 """Ingest benchmark: spans/s durably stored through the real web server vs a raw COPY ceiling.
 
     .venv/bin/python tests/performance/bench_ingest.py [--clients 6] [--batches 120] [--batch-size 100]
+    .venv/bin/python tests/performance/bench_ingest.py --metadata-scan-cost [--shape openllmetry]
 
 Starts a fresh embedded PostgreSQL (own DATA_DIR), the real web server (`manage.py serve
 --no-worker`, gunicorn), and posts pre-built batches of realistic spans from several
@@ -8,6 +9,12 @@ client processes over keep-alive HTTP. Reports spans/s counted in the table afte
 and p50/p99 batch latency; then COPYs the same number of rows (same shape, new ids) with
 psycopg into the same table, same number of processes, one transaction per batch: the
 ceiling. Both run in the same script, so the ratio holds on a noisy machine.
+
+--metadata-scan-cost: what scanning metadata values costs end to end. Two web servers (gunicorn,
+same options) differ only in ingest.services.scanning.SCAN_METADATA (off in one: the switch exists
+for this measurement only); the same batches go to each in turns (off, on, off, on, ...) and the
+spans/s of each are compared. --shape openllmetry sends spans whose metadata carries OpenLLMetry's
+traceloop.entity.input / output JSON (a few KB), the case the scan costs most on.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import http.client
 import multiprocessing as mp
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +72,128 @@ def make_batch(rng: random.Random, size: int, tag: str) -> list[dict]:
             "metadata": {"team": "core", "release": "2026.11.3"},
         })
     return batch
+
+
+def make_openllmetry_batch(rng: random.Random, size: int, tag: str) -> list[dict]:
+    """Spans as OpenLLMetry's decorators describe a workflow step: its input and output as JSON in metadata."""
+    batch = make_batch(rng, size, tag)
+    for span in batch:
+        messages = [{"role": "system", "content": _text(rng, 40)}] + [
+            {"role": rng.choice(["user", "assistant"]), "content": _text(rng, rng.randint(40, 120))} for _ in range(4)]
+        span["prompt"], span["response"] = _text(rng, 60), _text(rng, 40)
+        span["metadata"] = {
+            "traceloop.entity.input": orjson.dumps({"args": [], "kwargs": {"messages": messages,
+                                                                           "model": span["model"]}}).decode(),
+            "traceloop.entity.output": orjson.dumps({"outputs": {"content": _text(rng, rng.randint(80, 200)),
+                                                                 "additional_kwargs": {}, "tool_calls": [],
+                                                                 "invalid_tool_calls": []}}).decode(),
+            "traceloop.span.kind": "task", "traceloop.entity.name": "answer_ticket",
+            "traceloop.workflow.name": "support", "traceloop.entity.path": "support.answer_ticket",
+            "llm.request.type": "chat", "llm.is_streaming": False, "llm.usage.total_tokens": rng.randint(100, 5000),
+            "otel.scope": "opentelemetry.instrumentation.langchain", "team": "core", "release": "2026.11.3",
+        }
+    return batch
+
+
+SHAPES = {"default": make_batch, "openllmetry": make_openllmetry_batch}
+
+
+def application(scan_metadata: str = "on"):
+    """The appliance's WSGI application, metadata scanning on or off (gunicorn: bench_ingest:application('off'))."""
+    from ingest.services import scanning
+
+    scanning.SCAN_METADATA = scan_metadata == "on"
+    from appliance.wsgi import application as wsgi
+
+    return wsgi
+
+
+def start_web(port: int, workers: int, env: dict, *, scan_metadata: str) -> subprocess.Popen:
+    """gunicorn with the options `manage.py serve` gives it, serving `application(scan_metadata)`."""
+    log = open(Path(env["DATA_DIR"]) / f"web-metadata-scan-{scan_metadata}.log", "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", f"bench_ingest:application('{scan_metadata}')",
+         "--pythonpath", f"{ROOT / 'tests' / 'performance'},{ROOT}", "--bind", f"127.0.0.1:{port}",
+         "--workers", str(workers), "--worker-class", "gthread", "--threads", "4", "--keep-alive", "30",
+         "--timeout", "60"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_up(port: int, key: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/v1/spans?limit=1", headers={"Authorization": f"Bearer {key}"})
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise SystemExit("the web server did not come up")
+        time.sleep(0.3)
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def metadata_scan_cost(args, key: str, env: dict, count) -> int:
+    """Spans/s with metadata scanning off and on, in alternating rounds against two servers."""
+    from django.conf import settings
+
+    metrics_dir = Path(settings.PROMETHEUS_MULTIPROC_DIR)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONUNBUFFERED": "1"}
+    make = SHAPES[args.shape]
+    rng = random.Random(42)
+    ports = {"off": _free_port(), "on": _free_port()}
+    servers = {mode: start_web(port, args.web_workers, env, scan_metadata=mode) for mode, port in ports.items()}
+    elapsed = {"off": 0.0, "on": 0.0}
+    stored = {"off": 0, "on": 0}
+    failures = 0
+    try:
+        for mode, port in ports.items():
+            wait_up(port, key, servers[mode])
+            warm = [orjson.dumps(make(rng, args.batch_size, f"warm-{mode}")) for _ in range(args.web_workers * 4)]
+            run_parallel(http_client, [(port, key, warm[i::args.clients]) for i in range(args.clients)])
+        sample = orjson.dumps(make(rng, 1, "size"))
+        print(f"[scan-cost] shape {args.shape}: {len(sample):,} bytes a span; {args.rounds} rounds of "
+              f"{args.clients} clients x {args.batches} batches x {args.batch_size} spans, each mode", flush=True)
+        for round_ in range(args.rounds):
+            for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                bodies = [[orjson.dumps(make(rng, args.batch_size, f"{mode}{round_}c{c}"))
+                           for _ in range(args.batches)] for c in range(args.clients)]
+                before = count()
+                took, results = run_parallel(http_client, [(ports[mode], key, bodies[c]) for c in range(args.clients)])
+                failures += sum(f for _, f in results)
+                elapsed[mode] += took
+                stored[mode] += count() - before
+                print(f"  round {round_ + 1} metadata scan {mode:3}: {(count() - before) / took:,.0f} spans/s",
+                      flush=True)
+    finally:
+        for server in servers.values():
+            stop(server)
+    rate = {mode: stored[mode] / elapsed[mode] for mode in elapsed}
+    cost = 1 - rate["on"] / rate["off"]
+    print()
+    print(f"CPU                       : {_cpu()}")
+    print(f"metadata scan off         : {rate['off']:,.0f} spans/s")
+    print(f"metadata scan on          : {rate['on']:,.0f} spans/s")
+    print(f"cost of scanning metadata : {cost * 100:.1f} % of end-to-end ingest throughput (target <= 15 %)")
+    expected = args.rounds * args.clients * args.batches * args.batch_size
+    return 0 if failures == 0 and stored["off"] == stored["on"] == expected else 1
+
+
+def _cpu() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"model name\s*:\s*(.+)", info)
+    simd = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
+    return f"{model.group(1) if model else '?'}, {os.cpu_count()} cores, {simd}"
 
 
 def _free_port() -> int:
@@ -132,6 +262,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--web-workers", type=int, default=3)
     parser.add_argument("--keep-data", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="the spans sent")
+    parser.add_argument("--metadata-scan-cost", action="store_true",
+                        help="compare metadata scanning off and on (two servers, alternating rounds)")
+    parser.add_argument("--patterns", type=Path, default=ROOT / "config" / "patterns.yaml",
+                        help="the detection patterns loaded (load_config --patterns)")
+    parser.add_argument("--rounds", type=int, default=4, help="with --metadata-scan-cost: rounds of each mode")
     args = parser.parse_args()
 
     data_dir = ROOT / ".data" / "bench-ingest"
@@ -155,36 +291,33 @@ def main() -> int:
     from ingest.services.spans import COLUMNS, copy_values, spans_prepare
 
     call_command("migrate", verbosity=0)
-    call_command("load_config", verbosity=0)
+    call_command("load_config", patterns=args.patterns, verbosity=0)
     call_command("maintain_partitions", verbosity=0)
     project = Project.objects.create(name="bench")
     _, key = api_key_create(project=project)
     connection.close()
 
     env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL}
+    if args.metadata_scan_cost:
+        def count() -> int:
+            with connection.cursor() as cur:
+                cur.execute("SELECT count(*) FROM ingest_span WHERE project_id = %s", [project.id])
+                return cur.fetchone()[0]
+
+        return metadata_scan_cost(args, key, env, count)
     server = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--skip-prepare", "--no-worker", "--web-workers", str(args.web_workers)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/v1/spans?limit=1", headers={"Authorization": f"Bearer {key}"})
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the web server did not come up")
-            time.sleep(0.3)
+        wait_up(port, key, server)
 
         rng = random.Random(42)
         total = args.clients * args.batches * args.batch_size
         print(f"[setup] building {total:,} spans in batches of {args.batch_size}", flush=True)
-        bodies = [[orjson.dumps(make_batch(rng, args.batch_size, f"h{c}")) for _ in range(args.batches)]
+        make = SHAPES[args.shape]
+        bodies = [[orjson.dumps(make(rng, args.batch_size, f"h{c}")) for _ in range(args.batches)]
                   for c in range(args.clients)]
-        warm = [orjson.dumps(make_batch(rng, args.batch_size, "warm")) for _ in range(args.web_workers * 4)]
+        warm = [orjson.dumps(make(rng, args.batch_size, "warm")) for _ in range(args.web_workers * 4)]
         run_parallel(http_client, [(port, key, warm[i::args.clients]) for i in range(args.clients)])
 
         with connection.cursor() as cur:
@@ -217,11 +350,7 @@ def main() -> int:
                                                     for c in range(args.clients)])
         copy_rate = total / copy_elapsed
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
 
     print()
     print(f"spans sent                : {total:,} ({failures} batches not answered 202)")
