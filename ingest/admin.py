@@ -1,4 +1,5 @@
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404
@@ -9,7 +10,7 @@ from django.utils.html import format_html
 from ingest.models import ApiKey, DetectionPattern, ModelPrice, Project
 from ingest.services.api_keys import api_key_create, api_key_revoke
 from ingest.services.pricing import Price, PriceTable
-from instrumentation_sdk.scanning import PatternSpec, Scanner
+from instrumentation_sdk.scanning import Scanner
 
 
 class ApiKeyInline(admin.TabularInline):
@@ -78,9 +79,7 @@ def price_cost(price: ModelPrice, *, prompt_tokens: int, completion_tokens: int,
 
 
 def pattern_scan(pattern: DetectionPattern, text: str):
-    spec = PatternSpec(name=pattern.name, type=pattern.type, regex=pattern.regex, phrases=tuple(pattern.phrases),
-                       validator=pattern.validator, placeholder=pattern.placeholder, anchors=tuple(pattern.anchors))
-    return Scanner([spec]).scan(text)
+    return Scanner([pattern.spec()], phone_regions=getattr(settings, "PII_PHONE_REGIONS", None)).scan(text)
 
 
 class TryItMixin:
@@ -138,10 +137,16 @@ class ModelPriceAdmin(TryItMixin, admin.ModelAdmin):
 
 @admin.register(DetectionPattern)
 class DetectionPatternAdmin(TryItMixin, admin.ModelAdmin):
-    list_display = ("name", "type", "enabled", "placeholder", "source", "updated_at")
+    list_display = ("name", "type", "enabled", "placeholder", "validator", "source", "updated_at")
     list_filter = ("type", "enabled", "source")
     search_fields = ("name", "regex", "description")
     readonly_fields = ("try_it",)
+    fieldsets = (
+        (None, {"fields": ("name", "type", "enabled", "description", "try_it")}),
+        ("Matching", {"fields": ("regex", "phrases", "anchors", "validator", "placeholder")}),
+        ("Context", {"fields": ("context", "exclude_context", "context_window"),
+                     "description": "conditions on the words around a regex match (number-only formats)"}),
+    )
     try_form = PatternTryForm
 
     def save_model(self, request, obj, form, change):
@@ -153,7 +158,10 @@ class DetectionPatternAdmin(TryItMixin, admin.ModelAdmin):
 
     def try_result(self, obj, data):
         result = pattern_scan(obj, data["text"])
-        found = [data["text"][m.start:m.end] for m in result.matches] or ["(no match)"]
+        # Injection matches index the normalised text (or span an encoded segment) when it differs.
+        found = [(result.normalized if m.via == "normalized" else data["text"])[m.start:m.end]
+                 + (f" (decoded from {m.via})" if m.via not in ("", "normalized") else "")
+                 for m in result.matches] or ["(no match)"]
         return [("matches", ", ".join(found)), ("redacted", result.redacted if result.redacted is not None else data["text"]),
                 ("flags", f"PII: {result.pii_detected}, injection: {result.injection_attempt}")]
 

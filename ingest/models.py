@@ -119,13 +119,27 @@ class DetectionPattern(models.Model):
     type = models.CharField(max_length=20, choices=Kind.choices)
     regex = models.TextField(blank=True, help_text="Python regular expression (case-insensitive)")
     phrases = models.JSONField(default=list, blank=True, help_text="list of literal phrases, matched case-insensitively")
-    validator = models.CharField(max_length=32, blank=True, help_text="extra check on regex matches: luhn, iban or phone")
+    validator = models.CharField(
+        max_length=32, blank=True,
+        help_text="extra check on regex matches: luhn, card, iban, aba, ipv4, phone, phonenumber or phonenumber_any")
     anchors = models.JSONField(
         default=list, blank=True,
         help_text='literals every match has nearby, e.g. ["@"]; the regex then runs only around them. '
         '"<digits>" = near a run of digits. Empty: the regex runs on the whole text (correct, slower).',
     )
     placeholder = models.CharField(max_length=40, blank=True, help_text="redaction label, e.g. EMAIL")
+    context = models.JSONField(
+        default=list, blank=True,
+        help_text='words of which one must occur within "context window" characters of a match for it to count, '
+        'e.g. ["ssn", "social security"] for an SSN without dashes. Empty: no such condition.',
+    )
+    exclude_context = models.JSONField(
+        default=list, blank=True,
+        help_text='words of which none may occur within "context window" characters of a match, '
+        "e.g. ['\"role\"'] so a framework's own message JSON is not taken for a smuggled tool call.",
+    )
+    context_window = models.PositiveIntegerField(
+        default=0, blank=True, help_text="characters searched either side of a match for context words (0: 40)")
     enabled = models.BooleanField(default=True)
     description = models.TextField(blank=True)
     source = models.CharField(max_length=8, choices=ModelPrice.Source.choices, default=ModelPrice.Source.ADMIN)
@@ -148,14 +162,31 @@ class DetectionPattern(models.Model):
             errors["phrases"] = "must be a list of non-empty strings"
         if not isinstance(self.anchors, list) or not all(isinstance(a, str) and a for a in self.anchors):
             errors["anchors"] = "must be a list of non-empty strings"
+        if self.context_window is None:  # a cleared admin field means the default
+            self.context_window = 0
+        for name in ("context", "exclude_context"):
+            words = getattr(self, name)
+            if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+                errors[name] = "must be a list of non-empty strings"
         from instrumentation_sdk.scanning import VALIDATORS
 
         if self.validator and self.validator not in VALIDATORS:
             errors["validator"] = f"unknown validator; one of {', '.join(sorted(VALIDATORS))}"
         if not self.regex and not self.phrases:
             errors["regex"] = "give a regex or at least one phrase"
+        if (self.context or self.exclude_context) and not self.regex:
+            errors["context"] = "context words apply to regex matches: give a regex"
         if errors:
             raise ValidationError(errors)
+
+    def spec(self):
+        """The scanning engine's view of this row."""
+        from instrumentation_sdk.scanning import PatternSpec
+
+        return PatternSpec(name=self.name, type=self.type, regex=self.regex, phrases=tuple(self.phrases),
+                           validator=self.validator, placeholder=self.placeholder, anchors=tuple(self.anchors),
+                           context=tuple(self.context or ()), exclude_context=tuple(self.exclude_context or ()),
+                           context_window=self.context_window or 0)
 
 
 class Span(models.Model):

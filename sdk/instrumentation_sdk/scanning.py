@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from importlib import resources
 from typing import Any, Iterable, Sequence
 
@@ -22,14 +23,22 @@ try:  # pyahocorasick is a C extension; a pure fallback keeps the SDK importable
 except ImportError:  # pragma: no cover - exercised only where the wheel is missing
     ahocorasick = None
 
+try:  # Google's libphonenumber; optional in the SDK (extra "phonenumbers"), always in the appliance
+    import phonenumbers
+except ImportError:  # pragma: no cover - exercised only where the package is missing
+    phonenumbers = None
+
+from instrumentation_sdk._normalize import decoded_segments, normalize
+
 log = logging.getLogger(__name__)
 
 PII = "PII_STRUCTURAL"
 INJECTION = "INJECTION_ATTEMPT"
 DIGITS_ANCHOR = "<digits>"
 WINDOW = 160  # characters kept either side of an anchor hit
+DIGIT_WINDOW = 48  # ... and of a run of digits (a digit pattern's match is the run and a few characters more)
 _MAX_MATCH = 4096  # longest match a windowed regex may produce before we re-check it unwindowed
-_DIGIT_RUN = re.compile(r"\d[\d \-.()/+]{3,}\d")
+_DIGIT_RUN = re.compile(r"\d[\d \-.()/+\[\]]{3,}\d")
 _SPACE = re.compile(r"\s")
 
 
@@ -42,6 +51,13 @@ class PatternSpec:
     validator: str = ""
     placeholder: str = ""
     anchors: tuple[str, ...] = ()
+    # Words of which one must occur within context_window characters of a match (before or
+    # after) for it to count: number-only formats such as an SSN without dashes.
+    context: tuple[str, ...] = ()
+    context_window: int = 0  # 0: CONTEXT_WINDOW
+    # Words of which none may occur within context_window characters: a match next to one of them
+    # is dropped (the "tool_calls" of a framework's own message JSON, next to its "role").
+    exclude_context: tuple[str, ...] = ()
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> "PatternSpec":
@@ -53,6 +69,9 @@ class PatternSpec:
             validator=str(data.get("validator") or ""),
             placeholder=str(data.get("placeholder") or ""),
             anchors=tuple(str(a) for a in (data.get("anchors") or ())),
+            context=tuple(str(c) for c in (data.get("context") or ())),
+            context_window=int(data.get("context_window") or 0),
+            exclude_context=tuple(str(c) for c in (data.get("exclude_context") or ())),
         )
 
 
@@ -63,6 +82,10 @@ class Match:
     start: int
     end: int
     placeholder: str
+    # "" when start/end index the scanned text; "normalized" when they index ScanResult.normalized;
+    # an encoding ("base64", "hex", "url", "rot13") when the match was in a decoded segment
+    # (start/end then span that encoded segment of the scanned text).
+    via: str = ""
 
 
 @dataclass
@@ -72,6 +95,7 @@ class ScanResult:
     matched: list[str] = field(default_factory=list)
     redacted: str | None = None
     matches: list[Match] = field(default_factory=list)
+    normalized: str | None = None  # the folded text injection patterns saw, when it differs from text.lower()
 
 
 def luhn_ok(text: str) -> bool:
@@ -88,9 +112,29 @@ def luhn_ok(text: str) -> bool:
     return total % 10 == 0
 
 
+# Issuer prefixes (IIN ranges) and lengths of the card brands in use: a Luhn-valid order number
+# that starts like no card (1, 7, 8, 9...) is not a card.
+_CARD_BRANDS = re.compile(
+    r"4\d{12}(?:\d{3}){0,2}"  # Visa 13/16/19
+    r"|(?:5[1-5]\d\d|222[1-9]|22[3-9]\d|2[3-6]\d\d|27[01]\d|2720)\d{12}"  # Mastercard
+    r"|3[47]\d{13}"  # Amex
+    r"|(?:6011|64[4-9]\d|65\d\d)\d{12,15}"  # Discover
+    r"|35(?:2[89]|[3-8]\d)\d{12,15}"  # JCB
+    r"|3(?:0[0-5]|[689]\d)\d{11,16}"  # Diners
+    r"|62\d{14,17}"  # UnionPay
+    r"|220[0-4]\d{12,15}"  # Mir
+    r"|(?:5[06-9]|6\d)\d{10,17}"  # Maestro
+)
+
+
+def card_ok(text: str) -> bool:
+    digits = "".join(c for c in text if c.isdigit())
+    return luhn_ok(digits) and _CARD_BRANDS.fullmatch(digits) is not None
+
+
 def iban_ok(text: str) -> bool:
-    compact = re.sub(r"\s", "", text).upper()
-    if not 15 <= len(compact) <= 34:
+    compact = re.sub(r"[\s.\-]", "", text).upper()
+    if not 15 <= len(compact) <= 34 or not compact[:2].isalpha() or not compact[2:4].isdigit():
         return False
     rearranged = compact[4:] + compact[:4]
     try:
@@ -100,70 +144,197 @@ def iban_ok(text: str) -> bool:
     return number % 97 == 1
 
 
+def aba_ok(text: str) -> bool:
+    """ABA routing transit number: 9 digits, 3-7-1 weighted checksum, a Federal Reserve prefix."""
+    digits = [int(c) for c in text if c.isdigit()]
+    if len(digits) != 9 or len(set(digits)) == 1:
+        return False
+    prefix = digits[0] * 10 + digits[1]
+    if not (prefix <= 12 or 21 <= prefix <= 32 or 61 <= prefix <= 72 or prefix == 80):
+        return False
+    return sum(w * d for w, d in zip((3, 7, 1) * 3, digits)) % 10 == 0
+
+
 def phone_ok(text: str) -> bool:
     return 7 <= sum(c.isdigit() for c in text) <= 15
 
 
-VALIDATORS = {"luhn": luhn_ok, "iban": iban_ok, "phone": phone_ok}
+def ipv4_ok(text: str) -> bool:
+    """Four octets 0-255; written with spaces around the dots, at least two must have 2+ digits
+    (a numbered list "1. 2. 3. 4" is not an address)."""
+    octets = re.findall(r"\d+", text)
+    if len(octets) != 4 or any(int(o) > 255 or len(o) > 3 for o in octets):
+        return False
+    return not (re.search(r"\s|\[|\(", text) and sum(len(o) > 1 for o in octets) < 2)
+
+
+DEFAULT_PHONE_REGIONS = (
+    "US", "CA", "GB", "IE", "DE", "AT", "CH", "FR", "BE", "NL", "LU", "ES", "PT", "IT", "PL", "CZ", "SE", "NO",
+    "DK", "FI", "IN", "AU", "NZ", "BR", "MX", "AR", "JP", "KR", "CN", "SG", "HK", "ZA", "IL", "AE", "TR", "PH",
+)
+# Today's shapes, used when the phonenumbers library is not installed: an international number,
+# or a North American one with its usual punctuation.
+_LEGACY_PHONE = re.compile(
+    r"(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}|\d{3}[.-]\d{3}[.-]\d{4})"
+)
+_NANP_SHAPE = re.compile(r"(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}")
+_IN_SHAPE = re.compile(r"(?:91[ -]?)?[6-9]\d{4}[ -]?\d{5}")
+_DATE_SHAPE = re.compile(r"\d{1,4}([./-])\d{1,2}\1\d{1,4}|\d{1,2}[:.]\d{2}(?:[:.]\d{2})?")
+
+
+@lru_cache(maxsize=4096)
+def _phone_verdict(value: str, regions: tuple[str, ...], with_context: bool) -> bool:
+    digits = "".join(c for c in value if c.isdigit())
+    if not 7 <= len(digits) <= 15 or _DATE_SHAPE.fullmatch(value):
+        return False
+    if phonenumbers is None:
+        return _LEGACY_PHONE.fullmatch(value) is not None
+    grouped = not value.isdigit()
+    if value.startswith("+") or value.startswith("00"):
+        # The number's own country code first: the regions list does not apply to it.
+        try:
+            number = phonenumbers.parse("+" + (digits[2:] if value.startswith("00") else digits), None)
+        except phonenumbers.NumberParseException:
+            return False
+        return phonenumbers.is_valid_number(number) or (
+            grouped and len(digits) >= 10 and phonenumbers.is_possible_number(number) and with_context)
+    if digits[0] == "0":
+        if not grouped and len(digits) < 10 and not with_context:
+            return False  # "021000021": a reference number, not a phone number written without spaces
+        candidates = [r for r in regions if phonenumbers.ndd_prefix_for_region(r, True) == "0"]
+    elif _NANP_SHAPE.fullmatch(value):
+        # Indian mobiles are written 3-3-4 too ("638-657-0890").
+        candidates = [r for r in regions if r in ("US", "CA", "IN")] or ["US"]
+    elif _IN_SHAPE.fullmatch(value):
+        # Indian mobiles: 10 digits from 6-9, often unspaced, sometimes with a bare 91 in front.
+        candidates = [r for r in regions if r == "IN"]
+        digits = digits[-10:]
+    elif with_context:
+        candidates = list(regions)
+    else:
+        return False
+    for region in candidates:
+        try:
+            number = phonenumbers.parse(digits, region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return True
+        # Reserved fictional ranges (Ofcom's 07700 900xxx) are well-formed numbers libphonenumber
+        # calls invalid; a grouped, full-length national number with a trunk 0 is still a phone number.
+        if digits[0] == "0" and grouped and len(digits) >= 10 and phonenumbers.is_possible_number(number):
+            return True
+    return False
+
+
+def phonenumber_ok(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> bool:
+    """A valid phone number of one of the regions (libphonenumber): international (+CC / 00CC),
+    national with a trunk 0, or North American / Indian grouping."""
+    return _phone_verdict(text.strip(), tuple(regions), False)
+
+
+def phonenumber_any_ok(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> bool:
+    """Like phonenumber, and also a bare national number valid in any of the regions: for a
+    pattern whose `context` ("phone", "tel", "mobile"...) vouches for it."""
+    return _phone_verdict(text.strip(), tuple(regions), True)
+
+
+VALIDATORS = {"luhn": luhn_ok, "card": card_ok, "iban": iban_ok, "aba": aba_ok, "phone": phone_ok, "ipv4": ipv4_ok,
+              "phonenumber": phonenumber_ok, "phonenumber_any": phonenumber_any_ok}
+_REGION_VALIDATORS = {"phonenumber", "phonenumber_any"}
+CONTEXT_WINDOW = 40  # characters either side of a match searched for a context word
+_TRIM_POINTS = re.compile(r"[\s.\-/]+")
+_MAX_TRIMS = 3
 
 
 class _Compiled:
-    __slots__ = ("spec", "regex", "validator", "placeholder", "windowed")
+    __slots__ = ("spec", "regex", "validator", "placeholder", "windowed", "context", "exclude", "context_window",
+                 "injection", "checked")
 
-    def __init__(self, spec: PatternSpec) -> None:
+    def __init__(self, spec: PatternSpec, phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> None:
         self.spec = spec
         self.regex = re.compile(spec.regex, re.IGNORECASE) if spec.regex else None
         if spec.validator and spec.validator not in VALIDATORS:
             raise ValueError(f"pattern {spec.name}: unknown validator {spec.validator!r}")
-        self.validator = VALIDATORS.get(spec.validator)
+        validator = VALIDATORS.get(spec.validator)
+        if spec.validator in _REGION_VALIDATORS:
+            validator = partial(validator, regions=tuple(phone_regions))
+        self.validator = validator
         self.placeholder = spec.placeholder or spec.name.upper()
         self.windowed = bool(spec.anchors)
+        self.context = _words_regex(spec.context)
+        self.exclude = _words_regex(spec.exclude_context)
+        self.context_window = spec.context_window or CONTEXT_WINDOW
+        self.injection = spec.type == INJECTION
+        self.checked = bool(self.validator or self.context or self.exclude or self.injection)
+
+    def accept(self, text: str, lower: str, start: int, end: int) -> int:
+        """The end of the accepted match (maybe trimmed), or -1: validator and context checked."""
+        if self.validator is not None and not self.validator(text[start:end]):
+            # A greedy candidate may have run into the next number ("+44 20 7946 0958 5 items"):
+            # retry without its last groups, cut where a separator is.
+            cuts = [m.start() for m in _TRIM_POINTS.finditer(text, start, end) if m.start() > start]
+            for cut in reversed(cuts[-_MAX_TRIMS:]):
+                if self.validator(text[start:cut]):
+                    end = cut
+                    break
+            else:
+                return -1
+        if self.context is not None or self.exclude is not None:
+            window = lower[max(0, start - self.context_window):min(len(lower), end + self.context_window)]
+            if self.context is not None and not self.context.search(window):
+                return -1
+            if self.exclude is not None and self.exclude.search(window):
+                return -1
+        if self.injection and _quoted(text, start, end):
+            return -1
+        return end
+
+
+def _words_regex(words: Sequence[str]) -> re.Pattern | None:
+    """Whole words, plurals too ("SSN:", "SSNs"; "tin" but not "tiny")."""
+    escaped = [re.escape(w.lower()) for w in words if w.strip()]
+    return re.compile(rf"(?<![^\W_])(?:{'|'.join(escaped)})(?:e?s)?(?![^\W_])") if escaped else None
+
+
+_QUOTES = {"'": "'", '"': '"', "`": "`", "\u2018": "\u2019", "\u201c": "\u201d", "\u00ab": "\u00bb", "\u201e": "\u201c"}
+
+
+def _quoted(text: str, start: int, end: int) -> bool:
+    """An injection phrase quoted on its own ('ignore previous instructions') is a mention (a filter
+    to write, a question about it), not an instruction; a quote that goes on ("...and do X") is not."""
+    before = text[max(0, start - 2):start].rstrip()
+    if not before or before[-1] not in _QUOTES:
+        return False
+    closing = _QUOTES[before[-1]]
+    after = text[end:end + 3]
+    return closing in after and after.index(closing) <= 1 and not any(c.isalnum() for c in after[:after.index(closing)])
 
 
 class Scanner:
-    """Built once from pattern specs; `scan` is thread-safe (no shared mutable state)."""
+    """Built once from pattern specs; `scan` is thread-safe (no shared mutable state).
 
-    def __init__(self, specs: Iterable[PatternSpec]) -> None:
-        self.patterns = [_Compiled(spec) for spec in specs]
+    PII patterns run on the text itself (redaction needs its offsets); injection patterns run
+    on its normalised form (see _normalize), and again on decoded base64/hex/URL/rot13 segments.
+    """
+
+    def __init__(self, specs: Iterable[PatternSpec], *, phone_regions: Sequence[str] | None = None) -> None:
+        regions = tuple(phone_regions) if phone_regions else DEFAULT_PHONE_REGIONS
+        self.patterns = [_Compiled(spec, regions) for spec in specs]
         names = [p.spec.name for p in self.patterns]
         if len(names) != len(set(names)):
             raise ValueError("pattern names must be unique")
-        self._digit_users = [i for i, p in enumerate(self.patterns) if DIGITS_ANCHOR in p.spec.anchors]
-        self._digit_set = frozenset(self._digit_users)
-        # key (lower-cased literal) -> list of (kind, pattern index)
-        table: dict[str, list[tuple[str, int]]] = {}
-        for i, p in enumerate(self.patterns):
-            for phrase in p.spec.phrases:
-                if phrase.strip():
-                    table.setdefault(phrase.lower(), []).append(("phrase", i))
-            for anchor in p.spec.anchors:
-                if anchor != DIGITS_ANCHOR and anchor:
-                    table.setdefault(anchor.lower(), []).append(("anchor", i))
-        self._table = table
-        self._automaton = None
-        if table and ahocorasick is not None:
-            automaton = ahocorasick.Automaton()
-            for key, hits in table.items():
-                automaton.add_word(key, (len(key), tuple(hits)))
-            automaton.make_automaton()
-            self._automaton = automaton
+        self._digit_set = frozenset(i for i, p in enumerate(self.patterns) if DIGITS_ANCHOR in p.spec.anchors)
+        self._injection = [i for i, p in enumerate(self.patterns) if p.injection]
+        self._pii = [i for i, p in enumerate(self.patterns) if not p.injection]
+        self._all = list(range(len(self.patterns)))
+        self._literals_all = _Literals(self.patterns, self._all)
+        self._literals_pii = _Literals(self.patterns, self._pii)
+        self._literals_injection = _Literals(self.patterns, self._injection)
 
     @classmethod
-    def from_mappings(cls, rows: Iterable[dict[str, Any]]) -> "Scanner":
-        return cls(PatternSpec.from_mapping(row) for row in rows)
-
-    # -- literal pass -------------------------------------------------------
-    def _literal_hits(self, lower: str) -> Iterable[tuple[int, int, tuple[tuple[str, int], ...]]]:
-        """(start, end, hits) of every phrase/anchor occurrence in the lower-cased text."""
-        if self._automaton is not None:
-            for end_index, (length, hits) in self._automaton.iter(lower):
-                yield end_index - length + 1, end_index + 1, hits
-        else:
-            for key, hits in self._table.items():
-                start = lower.find(key)
-                while start != -1:
-                    yield start, start + len(key), tuple(hits)
-                    start = lower.find(key, start + 1)
+    def from_mappings(cls, rows: Iterable[dict[str, Any]], **options: Any) -> "Scanner":
+        return cls((PatternSpec.from_mapping(row) for row in rows), **options)
 
     @staticmethod
     def _bounded(text: str, start: int, end: int) -> bool:
@@ -176,20 +347,49 @@ class Scanner:
 
     # -- matching -------------------------------------------------------------
     def find(self, text: str) -> list[Match]:
+        return self._find(text)[0]
+
+    def _find(self, text: str) -> tuple[list[Match], str | None]:
+        """(matches, the normalised text when injection patterns saw one that differs from text.lower())."""
         if not text:
-            return []
+            return [], None
         lower = text.lower()
         aligned = len(lower) == len(text)  # some characters change length when lower-cased
+        normalized, changed = normalize(text) if self._injection else (lower, False)
+        if not changed and aligned:
+            matches = self._pass(text, lower, self._all, self._literals_all)
+            normalized = None
+        else:
+            matches = self._pass(text, lower, self._pii, self._literals_pii)
+            via = "normalized"
+            if not changed:  # only the lower-casing changed lengths: match on the lower-cased text
+                normalized = lower
+            matches += [Match(m.name, m.type, m.start, m.end, m.placeholder, via)
+                        for m in self._pass(normalized, normalized, self._injection, self._literals_injection)]
+        if self._injection:
+            matches += self._decoded(text, lower, depth=0)
+        return matches, normalized
+
+    def _pass(self, text: str, lower: str, indices: Sequence[int], literals: "_Literals") -> list[Match]:
+        """One literal pass and the regexes of the given patterns."""
+        aligned = len(lower) == len(text)
         matches: list[Match] = []
         windows: dict[int, list[tuple[int, int]]] = {}
         phrase_hit: set[int] = set()
-        for start, end, hits in self._literal_hits(lower):
+        context_seen: set[int] = set()
+        for start, end, hits in literals.hits(lower):
+            # An anchor that starts with a letter or digit starts a word ("ai" not in "said").
+            mid_word = start > 0 and _ascii_alnum(lower[start]) and _ascii_alnum(lower[start - 1])
             for kind, index in hits:
-                if kind == "anchor":
-                    windows.setdefault(index, []).append((start - WINDOW, end + WINDOW))
+                if kind == "context":
+                    context_seen.add(index)
+                elif kind == "anchor":
+                    if not mid_word:
+                        windows.setdefault(index, []).append((start - WINDOW, end + WINDOW))
                 elif aligned and self._bounded(text, start, end):
                     p = self.patterns[index]
-                    matches.append(Match(p.spec.name, p.spec.type, start, end, p.placeholder))
+                    if not (p.injection and _quoted(text, start, end)):
+                        matches.append(Match(p.spec.name, p.spec.type, start, end, p.placeholder))
                 elif not aligned:
                     phrase_hit.add(index)
         for index in phrase_hit:  # re-locate phrase hits on the original text
@@ -199,24 +399,44 @@ class Scanner:
                     if self._bounded(text, m.start(), m.end()):
                         matches.append(Match(p.spec.name, p.spec.type, m.start(), m.end(), p.placeholder))
         digit_spans = None
-        if self._digit_users:
-            # One set of windows around digit runs, shared by every digit pattern.
-            digit_spans = _edged(text, [(m.start() - WINDOW, m.end() + WINDOW) for m in _DIGIT_RUN.finditer(text)])
-        for index, p in enumerate(self.patterns):
-            if p.regex is None:
-                continue
+        for index in indices:
+            p = self.patterns[index]
+            if p.regex is None or (p.context is not None and index not in context_seen):
+                continue  # a pattern with context words, none of which is in the text, cannot match
             if not p.windowed or not aligned:
                 spans = [(0, len(text))]
             else:
                 spans = _edged(text, windows[index]) if index in windows else []
-                if digit_spans and index in self._digit_set:
-                    spans = _merge(spans + digit_spans, len(text)) if spans else digit_spans
+                if index in self._digit_set:
+                    if digit_spans is None:
+                        # One set of windows around digit runs, shared by every digit pattern.
+                        digit_spans = _edged(text, [(m.start() - DIGIT_WINDOW, m.end() + DIGIT_WINDOW)
+                                                    for m in _DIGIT_RUN.finditer(text)])
+                    if digit_spans:
+                        spans = _merge(spans + digit_spans, len(text)) if spans else digit_spans
                 if not spans:
                     continue
             for m in self._regex_matches(p, text, spans):
-                if p.validator is None or p.validator(m.group(0)):
-                    matches.append(Match(p.spec.name, p.spec.type, m.start(), m.end(), p.placeholder))
+                end = p.accept(text, lower, m.start(), m.end()) if p.checked else m.end()
+                if end >= 0:
+                    matches.append(Match(p.spec.name, p.spec.type, m.start(), end, p.placeholder))
         return matches
+
+    def _decoded(self, text: str, lower: str, depth: int) -> list[Match]:
+        """Injection matches inside base64/hex/URL-encoded segments (and rot13 when the text
+        speaks of it), each with an "encoded_<encoding>" match over the segment."""
+        out: list[Match] = []
+        rot13 = any(cue in lower for cue in _ROT13_CUES)
+        for encoding, start, end, decoded in decoded_segments(text, rot13=rot13):
+            normalized, _ = normalize(decoded)
+            inner = self._pass(normalized, normalized, self._injection, self._literals_injection)
+            if depth < _MAX_DECODE_DEPTH - 1:
+                inner += self._decoded(decoded, decoded.lower(), depth + 1)
+            if inner:
+                out.append(Match(f"encoded_{encoding}", INJECTION, start, end, "", encoding))
+                out.extend(Match(m.name, m.type, start, end, m.placeholder, encoding) for m in inner
+                           if not m.name.startswith("encoded_"))
+        return out
 
     @staticmethod
     def _regex_matches(p: _Compiled, text: str, spans: Sequence[tuple[int, int]]):
@@ -237,13 +457,69 @@ class Scanner:
     def scan(self, text: str | None, *, redact: bool = True) -> ScanResult:
         if not text:
             return ScanResult(redacted=text)
-        matches = self.find(text)
-        result = ScanResult(matches=matches)
+        matches, normalized = self._find(text)
+        result = ScanResult(matches=matches, normalized=normalized)
         result.pii_detected = any(m.type == PII for m in matches)
         result.injection_attempt = any(m.type == INJECTION for m in matches)
         result.matched = sorted({m.name for m in matches})
         result.redacted = redact_text(text, matches) if redact and result.pii_detected else text
         return result
+
+
+def _ascii_alnum(char: str) -> bool:
+    return char.isascii() and char.isalnum()
+
+
+_WORD_ENDS = tuple(" \t\n\r.,;:!?)]}'\"/-*_=#<>([{|\\@&+%~`") + ("\u2019", "\u201d", "\u00a0")
+_ROT13_CUES = ("rot13", "rot-13", "rot 13", "caesar", "rotate each letter", "rotated by 13", "shift by 13", "cipher")
+_MAX_DECODE_DEPTH = 2
+
+
+class _Literals:
+    """The phrases and anchors of some patterns, found in one Aho-Corasick pass."""
+
+    def __init__(self, patterns: Sequence[_Compiled], indices: Iterable[int]) -> None:
+        table: dict[str, list[tuple[str, int]]] = {}  # lower-cased literal -> (kind, pattern index)
+        for i in indices:
+            p = patterns[i]
+            for phrase in p.spec.phrases:
+                if phrase.strip():
+                    table.setdefault(phrase.lower(), []).append(("phrase", i))
+            for anchor in p.spec.anchors:
+                if anchor != DIGITS_ANCHOR and anchor.strip():
+                    # "mode " (a trailing space): the whole word, not "model"; "ignor": any word it starts.
+                    key = anchor.lower()
+                    if anchor.endswith(" ") and _ascii_alnum(anchor.rstrip()[-1]):
+                        # Keyed with what may follow the word, so the literal pass never stops inside "model".
+                        for end in _WORD_ENDS:
+                            table.setdefault(key.rstrip() + end, []).append(("anchor", i))
+                    else:
+                        table.setdefault(key, []).append(("anchor", i))
+            for word in p.spec.context:  # seen anywhere in the text, or the pattern is skipped
+                for suffix in ("", "s", "es") if word.strip() else ():
+                    for end in _WORD_ENDS:
+                        table.setdefault(word.lower().strip() + suffix + end, []).append(("context", i))
+        self.table = table
+        self.automaton = None
+        if table and ahocorasick is not None:
+            automaton = ahocorasick.Automaton()
+            for key, hits in table.items():
+                automaton.add_word(key, (len(key), tuple(hits)))
+            automaton.make_automaton()
+            self.automaton = automaton
+
+    def hits(self, lower: str) -> Iterable[tuple[int, int, tuple[tuple[str, int], ...]]]:
+        """(start, end, hits) of every phrase/anchor occurrence in the lower-cased text."""
+        lower += " "  # a whole-word key ends with one of _WORD_ENDS, even at the end of the text
+        if self.automaton is not None:
+            for end_index, (length, hits) in self.automaton.iter(lower):
+                yield end_index - length + 1, end_index + 1, hits
+        else:
+            for key, hits in self.table.items():
+                start = lower.find(key)
+                while start != -1:
+                    yield start, start + len(key), tuple(hits)
+                    start = lower.find(key, start + 1)
 
 
 def _edged(text: str, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
