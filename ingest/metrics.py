@@ -58,6 +58,16 @@ TTFT = Histogram("llm_latency_ms_ttft", "Time to first token/chunk of streamed L
                  ["model", "provider"], buckets=TTFT_BUCKETS_MS)
 PII = Counter("llm_pii_detected", "Stored spans in which PII was found (and redacted)", ["service_name"])
 INJECTION = Counter("llm_injection_attempts", "Stored spans flagged as prompt-injection attempts", ["service_name"])
+# The same spans by the tier that flagged them: 1 the inline scanner at ingest, 2 the semantic classifier
+# in the worker after storage (counted into llm_injection_attempts too, when it flags).
+INJECTION_FLAGS = Counter("llm_injection_flags", "Spans flagged as prompt-injection attempts, by detection tier",
+                          ["tier", "service_name"])
+# Span prompts the tier-2 worker took: classified (embedded here), cached (the stored search vector reused),
+# skipped_lag (not read: the worker was behind and classified a sample).
+INJECTION_TIER2_PROMPTS = Counter("llm_injection_tier2_prompts", "Span prompts taken by tier-2 injection "
+                                  "classification, by outcome", ["outcome"])
+INJECTION_TIER2_SECONDS = Histogram("llm_injection_tier2_seconds", "Time to embed and classify one task's prompts",
+                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 FINISH = Counter("llm_finish_reason", "Stored LLM spans by finish reason", ["model", "provider", "finish_reason"])
 
 INGEST_SPANS = Counter("llm_ingest_spans", "Spans received by the ingest service, by outcome",
@@ -185,6 +195,7 @@ def metrics_record_rows(rows: list[dict]) -> None:
         PII.labels(service).inc(n)
     for service, n in injection.items():
         INJECTION.labels(service).inc(n)
+        INJECTION_FLAGS.labels("1", service).inc(n)
     for labels, values in latency.items():
         child = LATENCY.labels(*labels)
         for value in values:
@@ -227,6 +238,21 @@ def metrics_record_embeddings(*, backend: str, embedded: int, reused: int, secon
             EMBEDDINGS_REUSED.inc(reused)
     except Exception:  # noqa: BLE001 - metrics never fail the task
         logging.getLogger(__name__).exception("recording embedding metrics failed")
+
+
+def metrics_record_injection_tier2(*, outcomes: dict, flagged_services: list, seconds: float | None) -> None:
+    """One tier-2 task: its prompts by outcome, the spans it flagged (their services), its time."""
+    try:
+        for outcome in ("classified", "cached", "skipped_lag"):
+            if outcomes.get(outcome):
+                INJECTION_TIER2_PROMPTS.labels(outcome).inc(outcomes[outcome])
+        for service, n in Tally(_service(s) for s in flagged_services).items():
+            INJECTION.labels(service).inc(n)
+            INJECTION_FLAGS.labels("2", service).inc(n)
+        if seconds is not None:
+            INJECTION_TIER2_SECONDS.observe(seconds)
+    except Exception:  # noqa: BLE001 - metrics never fail the task
+        logging.getLogger(__name__).exception("recording tier-2 injection metrics failed")
 
 
 def metrics_record_otlp(*, encoding: str, code: int, span_types: list[str] | None = None) -> None:

@@ -429,27 +429,31 @@ def _vector_literal(vector: list[float]) -> str:
 
 
 def embeddings_enqueue(*, rows: list[dict]) -> None:
-    """After the spans' commit: one task per project for the sampled, PII-free prompts."""
+    """After the spans' commit: one task per project for the sampled, PII-free prompts, and the tier-2
+    injection classification of every new prompt tier 1 did not flag (sampled or not)."""
     by_project: dict[int, list[dict]] = {}
     for row in rows:
         if row.get("prompt_hash"):
             by_project.setdefault(row["project_id"], []).append(row)
-    if not by_project:
-        return
-    from appliance.celery import app
+    if by_project:
+        from appliance.celery import app
 
-    for project_id, items in by_project.items():
-        times = [r["timestamp_utc"] for r in items]
-        try:
-            # By name: ingest does not import workers (the task lives there).
-            app.send_task("enrichment.embed_prompts", kwargs={
-                "project_id": project_id,
-                "content_keys": sorted({r["prompt_hash"] for r in items}),
-                "start": min(times).isoformat(),
-                "end": max(times).isoformat(),
-            })
-        except Exception:  # noqa: BLE001 - the spans are stored; a lost embedding is recomputed on search
-            log.exception("could not enqueue embeddings for project %s", project_id)
+        for project_id, items in by_project.items():
+            times = [r["timestamp_utc"] for r in items]
+            try:
+                # By name: ingest does not import workers (the task lives there).
+                app.send_task("enrichment.embed_prompts", kwargs={
+                    "project_id": project_id,
+                    "content_keys": sorted({r["prompt_hash"] for r in items}),
+                    "start": min(times).isoformat(),
+                    "end": max(times).isoformat(),
+                })
+            except Exception:  # noqa: BLE001 - the spans are stored; a lost embedding is recomputed on search
+                log.exception("could not enqueue embeddings for project %s", project_id)
+    # After the embedding task: a worker that keeps up finds the sampled prompts' vectors stored.
+    from ingest.services.security_tier2 import injection_tier2_enqueue  # it imports this module
+
+    injection_tier2_enqueue(rows=rows)
 
 
 def embeddings_backfill(*, hours: int) -> int:
