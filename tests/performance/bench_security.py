@@ -16,7 +16,9 @@ Counting:
     class's items, negatives are all clean items (so per-class precision is "against the clean set").
   - FP rate: share of clean items flagged (PII or injection, each column for itself).
 Throughput: MB/s of UTF-8 text, tier 1 vs one `re` alternation of the same patterns (bench_scanner.alternation)
-vs Presidio, on the texts of the chosen split (tier 1 and re repeated to >= 2 MB; Presidio one pass).
+vs Presidio, on the texts of the chosen split as they are (short: per-call cost dominates) and joined into ~4 KB
+prompts (tier 1 and re repeated to >= 2 MB; Presidio one pass). Times are CPU time of this process
+(time.process_time), so the other work on a shared machine distorts them less.
 """
 
 from __future__ import annotations
@@ -110,9 +112,9 @@ def tier2(items: list[dict]):
 
         model = classifier()
         model.predict_texts([items[0]["text"]])  # load the embedding model outside the timing
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         probs = model.predict_texts([item["text"] for item in items])
-        return list(probs), float(model.threshold), time.perf_counter() - t0
+        return list(probs), float(model.threshold), time.process_time() - t0
     except Exception as exc:  # noqa: BLE001 - any failure means "not available", said plainly below
         return f"{type(exc).__name__}: {exc}"
 
@@ -135,7 +137,7 @@ def presidio_engine():
 
 def presidio(items: list[dict], engine) -> tuple[list[bool], float]:
     found = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for item in items:
         results = engine.analyze(item["text"], language="en", entities=PRESIDIO_ENTITIES, score_threshold=PRESIDIO_SCORE)
         spans = [(r.start, r.end) for r in results]
@@ -144,7 +146,7 @@ def presidio(items: list[dict], engine) -> tuple[list[bool], float]:
                 all(overlapped(s, spans) for s in occurrences(item["text"], v)) for v in item["pii_values"]))
         else:
             found.append(bool(spans))
-    return found, time.perf_counter() - t0
+    return found, time.process_time() - t0
 
 
 # --- metrics -------------------------------------------------------------------------------------------
@@ -201,7 +203,8 @@ def misses(items: list[dict], flags: list[bool], kind: str, label: str, limit: i
             print(f"  {item['id']:<40} {item['text'][:110]!r}")
 
 
-def throughput(texts: list[str], presidio_seconds: float | None) -> None:
+def speeds(texts: list[str], engine, label: str, presidio_seconds: float | None = None) -> None:
+    """MB/s of tier 1, one re alternation and Presidio on `texts`, printed with the ratios."""
     scanner = default_scanner()
     regex = alternation()
     size = sum(len(t.encode("utf-8")) for t in texts) / 1e6
@@ -209,24 +212,42 @@ def throughput(texts: list[str], presidio_seconds: float | None) -> None:
     batch = texts * reps
 
     def run(fn) -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for text in batch:
             fn(text)
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     scanner.scan(texts[0])
     ours = min(run(scanner.scan) for _ in range(3))
     base = min(run(lambda t: sum(1 for _ in regex.finditer(t))) for _ in range(2))
+    if presidio_seconds is None and engine is not None:
+        t0 = time.process_time()
+        for text in texts:
+            engine.analyze(text, language="en", entities=PRESIDIO_ENTITIES, score_threshold=PRESIDIO_SCORE)
+        presidio_seconds = time.process_time() - t0
     mb = size * reps
-    print(f"\nThroughput on the same {len(texts)} texts ({size:.3f} MB UTF-8, {size * 1e6 / len(texts):.0f} bytes/text; "
-          f"tier 1 and re repeated x{reps})")
+    print(f"\nThroughput, {label}: {len(texts)} texts, {size:.3f} MB UTF-8, {size * 1e6 / len(texts):.0f} bytes/text "
+          f"(tier 1 and re repeated x{reps}, best of 3/2; Presidio one pass)")
     print(f"  tier 1 scanner.scan       : {mb / ours:9.3f} MB/s")
     print(f"  one re alternation        : {mb / base:9.3f} MB/s   tier 1 / re = {base / ours:6.1f}x (target >= 10x)")
     if presidio_seconds:
-        print(f"  Presidio analyze (1 pass) : {size / presidio_seconds:9.4f} MB/s   tier 1 / Presidio = "
+        print(f"  Presidio analyze          : {size / presidio_seconds:9.4f} MB/s   tier 1 / Presidio = "
               f"{presidio_seconds / size * mb / ours:6.0f}x (target >= 500x)")
     else:
         print("  Presidio                  : not run")
+
+
+def prompts_of(texts: list[str], size: int = 4000) -> list[str]:
+    """The same texts joined into prompt-sized pieces (~4 KB), where per-call overhead weighs less."""
+    out, current = [], []
+    for text in texts:
+        current.append(text)
+        if sum(len(t) for t in current) >= size:
+            out.append("\n\n".join(current))
+            current = []
+    if current:
+        out.append("\n\n".join(current))
+    return out
 
 
 def main() -> int:
@@ -252,7 +273,7 @@ def main() -> int:
         print(f"tier 2: threshold {threshold:.3f}, {len(items) / seconds:.0f} texts/s "
               f"(embedding + classifier, after storage, not on the ingest path)")
 
-    presidio_pii, presidio_seconds = None, None
+    presidio_pii, presidio_seconds, engine = None, None, None
     if args.no_presidio:
         print("Presidio: skipped (--no-presidio)")
     else:
@@ -263,6 +284,7 @@ def main() -> int:
             print(f"Presidio: presidio-analyzer + {PRESIDIO_MODEL}, entities {','.join(PRESIDIO_ENTITIES)}, "
                   f"score >= {PRESIDIO_SCORE}; English NLP pipeline on every language")
         except ImportError as exc:
+            engine = None
             print(f"Presidio: not installed ({exc}); pip install -r tests/performance/requirements-presidio.txt")
 
     table("PII", "pii", items, {"tier 1": t1_pii, "tier 1+2": t1_pii, "Presidio": presidio_pii})
@@ -279,7 +301,10 @@ def main() -> int:
         misses(items, t1_inj, "injection", "tier 1 injection", args.misses)
         if t12_inj:
             misses(items, t12_inj, "injection", "tier 1+2 injection", args.misses)
-    throughput(texts, presidio_seconds)
+    load_note = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs" if hasattr(os, "getloadavg") else ""
+    print(f"\n({cpu()}; {load_note}; CPU time of this process, ratios from the same run)")
+    speeds(texts, engine, "the corpus items as they are", presidio_seconds)
+    speeds(prompts_of(texts), engine, "the same texts joined into ~4 KB prompts")
     return 0
 
 
