@@ -53,6 +53,24 @@ def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int
     return number
 
 
+def env_float(name: str, default: float | None, *, minimum: float | None = None,
+              maximum: float | None = None) -> float | None:
+    value = _raw(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not a number") from None
+    if number != number:  # NaN
+        raise ConfigError(f"{name}={value!r} is not a number")
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{name}={number} is below the minimum {minimum}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{name}={number} is above the maximum {maximum}")
+    return number
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlparse
 import phonenumbers
 from instrumentation_sdk.scanning import DEFAULT_PHONE_REGIONS
 
-from appliance.env import (ConfigError, env_bool, env_choice, env_int, env_list, env_str, env_url, generated_secret,
+from appliance.env import (ConfigError, env_bool, env_choice, env_float, env_int, env_list, env_str, env_url, generated_secret,
                            is_loopback)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -171,6 +171,20 @@ SEARCH_DAY_GRAPHS_MAX_DAYS = env_int("SEARCH_DAY_GRAPHS_MAX_DAYS", 8, minimum=0,
 SEARCH_DAY_EF = env_int("SEARCH_DAY_EF", 40, minimum=10, maximum=1000)
 # Console pages cancel a span query that runs longer than this (e.g. a prompt substring search over weeks).
 CONSOLE_QUERY_TIMEOUT_MS = env_int("CONSOLE_QUERY_TIMEOUT_MS", 5000, minimum=100, maximum=600_000)
+
+# Tier-2 (semantic) prompt-injection detection in the worker, after storage (ingest/services/security_tier2.py):
+# a logistic regression over the prompt's MiniLM embedding. Ingest never waits for it.
+INJECTION_TIER2_ENABLED = env_bool("INJECTION_TIER2_ENABLED", True)
+# A task that starts more than this many seconds after its spans' commit (the worker is behind)
+# classifies only a deterministic sample of them: INJECTION_TIER2_SAMPLE_RATE of the span ids (0..1).
+INJECTION_TIER2_MAX_LAG_SECONDS = env_int("INJECTION_TIER2_MAX_LAG_SECONDS", 60, minimum=0, maximum=86_400)
+INJECTION_TIER2_SAMPLE_RATE = env_float("INJECTION_TIER2_SAMPLE_RATE", 0.1, minimum=0.0, maximum=1.0)
+# Views of one long prompt: its first 254 tokens and up to N-1 chunks of ~40 words over the rest (max score).
+INJECTION_TIER2_MAX_WINDOWS = env_int("INJECTION_TIER2_MAX_WINDOWS", 8, minimum=1, maximum=64)
+# Probability at or over which a prompt is flagged; unset: the threshold shipped with the weights.
+INJECTION_TIER2_THRESHOLD = env_float("INJECTION_TIER2_THRESHOLD", None, minimum=0.0, maximum=1.0)
+# Another weights file (`manage.py train_injection_classifier --out ...`); unset: ingest/data/injection_classifier.json.
+INJECTION_TIER2_WEIGHTS = env_str("INJECTION_TIER2_WEIGHTS")
 
 # --- django -------------------------------------------------------------------
 INSTALLED_APPS = [
