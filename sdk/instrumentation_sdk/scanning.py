@@ -242,6 +242,8 @@ def phonenumber_any_ok(text: str, regions: Sequence[str] = DEFAULT_PHONE_REGIONS
 VALIDATORS = {"luhn": luhn_ok, "card": card_ok, "iban": iban_ok, "aba": aba_ok, "phone": phone_ok, "ipv4": ipv4_ok,
               "phonenumber": phonenumber_ok, "phonenumber_any": phonenumber_any_ok}
 _REGION_VALIDATORS = {"phonenumber", "phonenumber_any"}
+_ESCAPES = re.compile(r"\\.")  # \W, \S, \D... are classes, not capitals
+_CAPITALS = re.compile(r"[A-Z]")
 CONTEXT_WINDOW = 40  # characters either side of a match searched for a context word
 _TRIM_POINTS = re.compile(r"[\s.\-/]+")
 _MAX_TRIMS = 3
@@ -253,7 +255,11 @@ class _Compiled:
 
     def __init__(self, spec: PatternSpec, phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> None:
         self.spec = spec
-        self.regex = re.compile(spec.regex, re.IGNORECASE) if spec.regex else None
+        self.injection = spec.type == INJECTION
+        # Injection patterns run on lower-cased (normalised) text: without IGNORECASE the regex engine
+        # can skip ahead by first characters (3-4x faster), unless the regex itself has capitals.
+        flags = 0 if self.injection and not _CAPITALS.search(_ESCAPES.sub("", spec.regex)) else re.IGNORECASE
+        self.regex = re.compile(spec.regex, flags) if spec.regex else None
         if spec.validator and spec.validator not in VALIDATORS:
             raise ValueError(f"pattern {spec.name}: unknown validator {spec.validator!r}")
         validator = VALIDATORS.get(spec.validator)
@@ -265,7 +271,6 @@ class _Compiled:
         self.context = _words_regex(spec.context)
         self.exclude = _words_regex(spec.exclude_context)
         self.context_window = spec.context_window or CONTEXT_WINDOW
-        self.injection = spec.type == INJECTION
         self.checked = bool(self.validator or self.context or self.exclude or self.injection)
 
     def accept(self, text: str, lower: str, start: int, end: int) -> int:
@@ -385,7 +390,12 @@ class Scanner:
                     context_seen.add(index)
                 elif kind == "anchor":
                     if not mid_word:
-                        windows.setdefault(index, []).append((start - WINDOW, end + WINDOW))
+                        spans = windows.setdefault(index, [])
+                        # Hits come in text order: extend the last window rather than add an overlapping one.
+                        if spans and start - WINDOW <= spans[-1][1]:
+                            spans[-1] = (spans[-1][0], max(spans[-1][1], end + WINDOW))
+                        else:
+                            spans.append((start - WINDOW, end + WINDOW))
                 elif aligned and self._bounded(text, start, end):
                     p = self.patterns[index]
                     if not (p.injection and _quoted(text, start, end)):
@@ -416,7 +426,7 @@ class Scanner:
                         spans = _merge(spans + digit_spans, len(text)) if spans else digit_spans
                 if not spans:
                     continue
-            for m in self._regex_matches(p, text, spans):
+            for m in self._regex_matches(p, lower if p.injection else text, spans):
                 end = p.accept(text, lower, m.start(), m.end()) if p.checked else m.end()
                 if end >= 0:
                     matches.append(Match(p.spec.name, p.spec.type, m.start(), end, p.placeholder))
