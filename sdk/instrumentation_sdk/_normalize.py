@@ -76,7 +76,8 @@ def _fold_unicode(text: str) -> str:
     text = text.translate(_FOLD_CACHE).casefold()
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)  # Hangul syllables back from their jamo
-        text = _MIXED_WORD.sub(lambda m: m.group(0).translate(_HOMOGLYPH_TABLE), text)
+        if any(char in text for char in _CONFUSABLE):  # a few substring searches, not a regex over the text
+            text = _MIXED_WORD.sub(lambda m: m.group(0).translate(_HOMOGLYPH_TABLE), text)
     return text
 
 
