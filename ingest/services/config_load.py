@@ -120,6 +120,13 @@ def patterns_load(*, path: Path) -> LoadSummary:
         anchors = row.get("anchors") or []
         if not isinstance(anchors, list):
             raise ConfigFileError(f"{where}: anchors must be a list of strings")
+        context = row.get("context") or []
+        exclude_context = row.get("exclude_context") or []
+        if not isinstance(context, list) or not isinstance(exclude_context, list):
+            raise ConfigFileError(f"{where}: context and exclude_context must be lists of strings")
+        context_window = row.get("context_window") or 0
+        if not isinstance(context_window, int) or context_window < 0:
+            raise ConfigFileError(f"{where}: context_window must be a whole number of characters")
         enabled = row.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigFileError(f"{where}: enabled must be true or false, not {enabled!r}")
@@ -129,6 +136,9 @@ def patterns_load(*, path: Path) -> LoadSummary:
             "phrases": phrases,
             "validator": row.get("validator") or "",
             "anchors": anchors,
+            "context": context,
+            "exclude_context": exclude_context,
+            "context_window": context_window,
             "placeholder": row.get("placeholder") or "",
             "enabled": enabled,
             "description": row.get("description") or "",
