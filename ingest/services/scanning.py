@@ -77,6 +77,22 @@ _MAX_JSON_NESTING = 4
 # Off only in tests/performance/bench_ingest.py, to measure what scanning metadata costs.
 SCAN_METADATA = True
 
+# Short values in which the scanner found nothing, by scanner: most metadata repeats from span to span
+# (scopes, kinds, resource attributes, model names, URLs) and is not scanned again. Emptied when full.
+_CLEAN_TEXT_CHARS = 256
+_CLEAN_TEXTS = 8192
+_clean: tuple[Scanner | None, set[str]] = (None, set())
+
+
+def _clean_texts(engine: Scanner) -> set[str]:
+    global _clean
+    known_engine, texts = _clean
+    if known_engine is not engine:  # the patterns changed: what was clean may not be
+        _clean = (engine, texts := set())
+    elif len(texts) >= _CLEAN_TEXTS:
+        texts.clear()
+    return texts
+
 
 class _Walk:
     """The strings (and long integers) of labels and metadata, within the bounds, with their paths."""
@@ -146,14 +162,16 @@ def _scan_texts(engine: Scanner, texts: list[str], verdict: _Verdict, *, drop: b
         starts.append(position)
         position += len(text) + len(_SEPARATOR)
     found = engine.scan(_SEPARATOR.join(texts), redact=False)
-    if not found.matches:
-        return {}
     hit: set[int] = set()
     for m in found.matches:
         i = max(0, bisect.bisect_right(starts, m.start) - 1)
         while i < len(texts) and starts[i] < max(m.end, m.start + 1):  # every text the match touches
             hit.add(i)
             i += 1
+    clean = _clean_texts(engine)
+    clean.update(text for i, text in enumerate(texts) if i not in hit and len(text) <= _CLEAN_TEXT_CHARS)
+    if not hit:
+        return {}
     replacements = {}
     for i in sorted(hit):
         result = engine.scan(texts[i], redact=not drop)
@@ -201,8 +219,9 @@ def _scan_values(engine: Scanner, row: dict, known: dict[str, ScanResult], verdi
         walk.visit(metadata, ("metadata",), 0)
     if not walk.leaves and not walk.unscanned:
         return
-    replacements = _scan_texts(engine, list(dict.fromkeys(t for _, t in walk.leaves if t not in known)), verdict,
-                               drop=drop)
+    clean = _clean_texts(engine)
+    replacements = _scan_texts(
+        engine, list(dict.fromkeys(t for _, t in walk.leaves if t not in known and t not in clean)), verdict, drop=drop)
     for text, result in known.items():
         if result.pii_detected:
             replacements[text] = REDACTED if drop else result.redacted
