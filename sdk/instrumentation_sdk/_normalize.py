@@ -156,6 +156,8 @@ MAX_DECODED = 64 * 1024  # bytes of decoded text per text
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9+/A-Z])[A-Za-z0-9+/_-]{16,}={0,2}(?![A-Za-z0-9+/=_-])")
 _HEX = re.compile(r"(?<![0-9a-fA-Fx\\])(?:(?:\\x|0x)?[0-9a-fA-F]{2}[ :,]?){8,}")
 _PERCENT = re.compile(r"%[0-9a-fA-F]{2}")
+_PERCENT_TOKEN = re.compile(r"(?<!\S)\S*%[0-9a-fA-F]{2}\S*")  # a whitespace-delimited token with an escape
+ROT13_SPAN = 2000  # characters after the word "rot13" (or "caesar"...) that are rotated and rescanned
 
 
 def _printable(decoded: str) -> bool:
@@ -220,7 +222,7 @@ def _b32(segment: str) -> str | None:
         return None
 
 
-def decoded_segments(text: str, *, rot13: bool) -> list[tuple[str, int, int, str]]:
+def decoded_segments(text: str, *, rot13: bool, rot13_from: int = 0) -> list[tuple[str, int, int, str]]:
     """(encoding, start, end, decoded text) of the encoded segments worth a rescan; bounded."""
     out: list[tuple[str, int, int, str]] = []
     budget = MAX_DECODED
@@ -245,10 +247,15 @@ def decoded_segments(text: str, *, rot13: bool) -> list[tuple[str, int, int, str
             if decoded:
                 budget -= len(decoded)
                 out.append((encoding, m.start(), m.end(), decoded[:budget + len(decoded)]))
-    if text.count("%") >= 3 and len(_PERCENT.findall(text, 0, MAX_DECODED)) >= 3:
-        decoded = unquote_plus(text[:MAX_DECODED])
-        if decoded != text:
-            out.append(("url", 0, len(text), decoded))
+    if text.count("%") >= 3:
+        tokens = 0
+        for m in _PERCENT_TOKEN.finditer(text):
+            if len(_PERCENT.findall(m.group(0))) >= 3 and tokens < MAX_SEGMENTS:
+                tokens += 1
+                out.append(("url", m.start(), m.end(), unquote_plus(m.group(0)[:MAX_DECODED])))
     if rot13:
-        out.append(("rot13", 0, len(text), codecs.encode(text[:MAX_DECODED], "rot13")))
+        # The payload follows the word that names the cipher: rotate from a little before it, not the whole text.
+        start = max(0, rot13_from - 200)
+        end = min(len(text), rot13_from + ROT13_SPAN)
+        out.append(("rot13", start, end, codecs.encode(text[start:end], "rot13")))
     return out

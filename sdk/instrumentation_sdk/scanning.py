@@ -436,8 +436,8 @@ class Scanner:
         """Injection matches inside base64/hex/URL-encoded segments (and rot13 when the text
         speaks of it), each with an "encoded_<encoding>" match over the segment."""
         out: list[Match] = []
-        rot13 = any(cue in lower for cue in _ROT13_CUES)
-        for encoding, start, end, decoded in decoded_segments(text, rot13=rot13):
+        cues = [i for i in (lower.find(cue) for cue in _ROT13_CUES) if i >= 0]
+        for encoding, start, end, decoded in decoded_segments(text, rot13=bool(cues), rot13_from=min(cues, default=0)):
             normalized, _ = normalize(decoded)
             inner = self._pass(normalized, normalized, self._injection, self._literals_injection)
             if depth < _MAX_DECODE_DEPTH - 1:
