@@ -7,8 +7,9 @@ prompt/completion attributes) and the OpenInference conventions. LLM calls
 become LLM spans (model, provider, tokens, prompt, response); every other span
 of the trace (HTTP handler, agent, chain, tool, retriever) is kept with model
 null so the trace tree stays whole. Attributes that carry prompt or response
-text are moved into `prompt` / `response`, which the ingest service scans for
-PII before storage, never into `metadata`, which it does not scan.
+text are moved into `prompt` / `response` (what the console shows as one); the
+ingest service scans those and every string value left in `metadata` for PII
+before storage.
 
 The result goes through `spans_ingest` like any /v1/spans batch.
 """

@@ -21,18 +21,16 @@ log = logging.getLogger(__name__)
 
 
 def _build() -> Scanner:
+    from django.conf import settings
+
     from ingest.models import DetectionPattern
 
+    regions = getattr(settings, "PII_PHONE_REGIONS", None)
     rows = list(DetectionPattern.objects.all())
     if not rows:
         # Never loaded (a fresh database): the shipped defaults, rather than no scanning at all.
-        return Scanner.from_mappings(default_patterns())
-    specs = [
-        PatternSpec(name=r.name, type=r.type, regex=r.regex, phrases=tuple(r.phrases), validator=r.validator,
-                    placeholder=r.placeholder, anchors=tuple(r.anchors))
-        for r in rows if r.enabled
-    ]
-    return Scanner(specs)
+        return Scanner.from_mappings(default_patterns(), phone_regions=regions)
+    return Scanner([r.spec() for r in rows if r.enabled], phone_regions=regions)
 
 
 _cache = TableCache("ingest_detectionpattern", _build)
