@@ -12,7 +12,7 @@ import logging
 
 import orjson
 
-from instrumentation_sdk.scanning import PatternSpec, ScanResult, Scanner, default_patterns
+from instrumentation_sdk.scanning import ScanResult, Scanner, default_patterns
 
 from ingest.schemas import MAX_DEPTH
 from ingest.services.refresh import TableCache
