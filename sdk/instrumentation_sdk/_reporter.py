@@ -69,6 +69,7 @@ from typing import Any, Iterable
 
 from instrumentation_sdk import _kafka, _spill
 from instrumentation_sdk._config import Config, get_config
+from instrumentation_sdk._fields import Verdict, redact_values
 from instrumentation_sdk._kinds import as_kind
 from instrumentation_sdk._transport import HttpTransport, TransportError
 from instrumentation_sdk._wal import WalRow, WriteAheadLog
@@ -1041,8 +1042,10 @@ class SpanReporter:
             span["finish_reason"] = normalise_finish_reason(span["finish_reason"])
 
         # Content: capture, render, scan, redact. PII never reaches the WAL or the wire unredacted.
-        if "prompt" in span or "text" in span or "response" in span:
-            self._scan_content(span, kind == INTERNAL_SCANNED, cfg)
+        # Error text and metadata values too: a span with neither pays nothing for them.
+        if "prompt" in span or "text" in span or "response" in span or span.get("error_message") \
+                or span.get("metadata") or kind == EXTERNAL:
+            self._scan_content(span, kind == INTERNAL_SCANNED, cfg, external=kind == EXTERNAL)
         if cfg.kafka and not span.get("trace_id"):
             # The message key, so chosen here, once: a re-sent span lands on the same partition.
             span["trace_id"] = new_span_id()
@@ -1113,12 +1116,13 @@ class SpanReporter:
                 span["metadata"] = {**(meta if isinstance(meta, dict) else {}), name: value}
 
     @staticmethod
-    def _scan_content(span: dict, scanned: bool, cfg: Config) -> None:
+    def _scan_content(span: dict, scanned: bool, cfg: Config, external: bool = False) -> None:
         if not cfg.capture_content:
             for name in ("prompt", "text", "response"):
                 span.pop(name, None)
             return
         scanner = default_scanner()
+        known: dict = {}  # text -> its result: a metadata value repeating the prompt is not scanned again
         for name in ("prompt", "text"):
             value = span.get(name)
             if value is None:
@@ -1127,7 +1131,7 @@ class SpanReporter:
                 value = prompt_text(value)
             value = value[:cfg.max_text_chars]
             if not scanned or span.get("pii_detected"):
-                result = scanner.scan(value, redact=True)
+                result = known[value] = scanner.scan(value, redact=True)
                 if result.pii_detected:
                     span["pii_detected"] = True
                     value = result.redacted
@@ -1143,13 +1147,37 @@ class SpanReporter:
             if not isinstance(response, str):
                 response = str(response)
             response = response[:cfg.max_text_chars]
-            result = scanner.scan(response, redact=True)
+            result = known[response] = scanner.scan(response, redact=True)
             if result.pii_detected:
                 span["pii_detected"] = True
                 response = result.redacted
                 meta = span.get("metadata")
                 span["metadata"] = {**(meta if isinstance(meta, dict) else {}), "response_pii_redacted": True}
             span["response"] = response
+        # A dict from report() may carry keys of its own: the appliance keeps them as metadata.
+        extra = [key for key in span if key not in _kafka._KNOWN] if external else ()
+        if span.get("error_message") or span.get("metadata") or extra:
+            SpanReporter._scan_fields(span, scanner, known, extra)
+
+    @staticmethod
+    def _scan_fields(span: dict, scanner, known: dict, extra) -> None:
+        """Error text, every string value of the metadata (any depth, bounded) and of unknown keys,
+        redacted in place: the appliance's walk (instrumentation_sdk._fields), so what the topic, the
+        WAL and the wire carry is no rawer than what the appliance would store."""
+        error = span.get("error_message")
+        if error is not None and not isinstance(error, str):
+            span["error_message"] = str(error)
+        verdict = Verdict()
+        redact_values(scanner, span, verdict, drop=False, labels=("error_message",),
+                      metadata=isinstance(span.get("metadata"), dict), known=known)
+        if extra:
+            holder = {"metadata": {key: span[key] for key in extra}}
+            redact_values(scanner, holder, verdict, drop=False, known=known)
+            span.update(holder["metadata"])
+        if verdict.pii:
+            span["pii_detected"] = True
+        if verdict.injection:
+            span["injection_attempt"] = True
 
     # -- fork -----------------------------------------------------------------------
 
