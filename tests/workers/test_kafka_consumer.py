@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 from django.db import OperationalError, connection
@@ -19,7 +20,7 @@ from ingest.models import Project
 from ingest.queues import Topic
 from ingest.services.spans import spans_prepare
 from tests.kafka_broker import SESSION_TIMEOUT_MS, ConsumerProcess, kafka_broker, kafka_mode, wait_for  # noqa: F401
-from workers.consumers.base import HEADER_REASON
+from workers.consumers.base import HEADER_REASON, HEADER_REDACTED
 
 pytestmark = pytest.mark.django_db(transaction=True)
 GROUP = "llm-observe-spans"
@@ -125,18 +126,27 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
     stranger = _rows(project, "stranger", 1)[0] | {"project_id": 987654}
     wrong_version = (SpanMessage.from_row(_rows(project, "v2", 1)[0]).to_bytes()
                      .replace(b'"version":2', b'"version":9'))
+    # Rejected messages nobody scanned (an old client's, a hand-made one): their PII must not sit raw
+    # in the dead-letter topic, which is disk.
+    secrets = ("jane.doe@example.com", "4111 1111 1111 1111")
+    raw_pii = _rows(project, "pii", 1)[0] | {"error_message": f"no account for {secrets[0]}",
+                                             "metadata": {"customer": {"cards": [f"card {secrets[1]}"]}}}
+    pii_version = SpanMessage.from_row(raw_pii).to_bytes().replace(b'"version":2', b'"version":9')
+    assert all(s.encode() in pii_version for s in secrets)
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), good[:10] + [
         (b"k1", b"\x00\x9f garbage, not JSON"),
         (None, None),
         (b"k3", wrong_version),
         (stranger["trace_id"].encode(), SpanMessage.from_row(stranger).to_bytes()),
+        (b"k5", pii_version),
+        (b"k6", f"\x9f not JSON, mail {secrets[0]}".encode("latin-1")),
     ] + good[10:])
     consumer = consumer_factory().start()
     wait_for(lambda: _counts(project) == (20, 20), 60, "the valid spans around the poison", consumer)
 
-    dead = kafka_broker.read_all(str(Topic.SPANS_DLQ), expect=4)
+    dead = kafka_broker.read_all(str(Topic.SPANS_DLQ), expect=6)
     reasons = {m.key(): dict(m.headers())[HEADER_REASON].decode() for m in dead}
-    assert len(dead) == 4
+    assert len(dead) == 6
     assert reasons[b"k1"].startswith("contract: not JSON")
     assert reasons[None].startswith("contract: empty message")
     assert reasons[b"k3"].startswith("contract: unsupported version 9")
@@ -144,11 +154,20 @@ def test_poison_messages_go_to_the_dlq_with_a_reason_and_the_consumer_goes_on(ka
     original = next(m for m in dead if m.key() == b"k1")
     assert original.value() == b"\x00\x9f garbage, not JSON"  # the original bytes, for replay
     assert dict(original.headers())["dlq.topic"] == str(Topic.SPANS_RAW).encode()
+    by_key = {m.key(): m for m in dead}
+    assert by_key[b"k3"].value() == wrong_version and HEADER_REDACTED not in dict(by_key[b"k3"].headers())
+    for key in (b"k5", b"k6"):
+        letter = by_key[key]
+        assert not any(s.encode() in letter.value() for s in secrets), letter.value()
+        assert dict(letter.headers())[HEADER_REDACTED] == b"1" and reasons[key].startswith("contract: ")
+    redacted = orjson.loads(by_key[b"k5"].value())  # still JSON: the span as it was, less its PII
+    assert redacted["span_id"] == "pii-0" and redacted["error_message"].startswith("no account for ")
+    assert redacted["metadata"]["customer"]["cards"][0].startswith("card ")
 
     # ... and goes on with what follows.
     kafka_broker.produce_raw(str(Topic.SPANS_RAW), _encoded(_rows(project, "after", 5)))
     wait_for(lambda: _counts(project) == (25, 25), 30, "spans after the poison", consumer)
-    assert _committed(kafka_broker) == 29
+    assert _committed(kafka_broker) == 20 + 6 + 5  # good, poison, after
 
 
 @pytest.mark.e2e

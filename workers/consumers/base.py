@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from django.conf import settings
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 # ceiling is cheap, and a longer one is added, whole, to the time it takes to notice they are back.
 MAX_BACKOFF_SECONDS = 2.0
 HEADER_REASON = "dlq.reason"
+# On a dead letter whose value held PII: "1" when it was redacted (the bytes are no longer the original
+# ones), "error" when the scanner failed on it (kept as it came, not to lose it). Absent: bytes unchanged.
+HEADER_REDACTED = "dlq.redacted"
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,10 @@ class BatchConsumer:
 
         for item in poison:
             m = item.message
+            value, redacted = redact_dead_letter(m.value())
             headers = list(m.headers() or [])
+            if redacted:
+                headers.append((HEADER_REDACTED, redacted.encode()))
             headers += [
                 (HEADER_REASON, item.header.encode()),
                 ("dlq.topic", m.topic().encode()),
@@ -270,7 +277,7 @@ class BatchConsumer:
                 ("dlq.offset", str(m.offset()).encode()),
                 ("dlq.consumer", self.name.encode()),
             ]
-            self._dlq.produce(self.dlq_topic, value=m.value(), key=m.key(), headers=headers, on_delivery=delivered)
+            self._dlq.produce(self.dlq_topic, value=value, key=m.key(), headers=headers, on_delivery=delivered)
         remaining = self._dlq.flush(settings.KAFKA_DELIVERY_TIMEOUT_MS / 1000 + 2)
         if failures or remaining:
             # A new producer for the retry: some broker states are never left by the same one
@@ -326,6 +333,38 @@ class BatchConsumer:
                      now - self._last_report, self._counts["consumed"], self._counts["stored"], self._counts["dlq"])
         self._last_report = now
         self._counts = dict.fromkeys(self._counts, 0)
+
+
+def redact_dead_letter(value: bytes | None) -> tuple[bytes | None, str]:
+    """A rejected message's value with its PII redacted, and what HEADER_REDACTED says ("" when unchanged).
+
+    The dead-letter topic is disk, and a rejected message was never scanned (the SDK's own messages
+    are, since 2.0, but an older client's or a hand-made one's are not). JSON: every string value at any
+    depth, with the walk that scans a stored span's metadata (bounded; a value past a bound becomes
+    "[NOT SCANNED]"), so it stays JSON and replayable. Anything else: its text (invalid UTF-8 replaced).
+    A value without PII keeps its bytes, exactly.
+    """
+    if not value:
+        return value, ""
+    from instrumentation_sdk._fields import Verdict, scan_json_values
+
+    from ingest.services.scanning import scanner
+
+    try:
+        engine = scanner()
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            result = engine.scan(value.decode("utf-8", "replace"), redact=True)
+            return (result.redacted.encode(), "1") if result.pii_detected else (value, "")
+        verdict = Verdict()
+        after = scan_json_values(engine, doc, verdict, drop=False)
+        if after is doc and not verdict.pii:
+            return value, ""
+        return orjson.dumps(after), "1"
+    except Exception:  # noqa: BLE001 - a dead letter is never lost; the header says it was not scanned
+        log.exception("scanning a dead letter failed; kept as it came")
+        return value, "error"
 
 
 def _names(partitions) -> str:
