@@ -1117,12 +1117,21 @@ class SpanReporter:
 
     @staticmethod
     def _scan_content(span: dict, scanned: bool, cfg: Config, external: bool = False) -> None:
-        if not cfg.capture_content:
-            for name in ("prompt", "text", "response"):
-                span.pop(name, None)
-            return
         scanner = default_scanner()
         known: dict = {}  # text -> its result: a metadata value repeating the prompt is not scanned again
+        if cfg.capture_content:
+            SpanReporter._scan_texts(span, scanned, cfg, scanner, known)
+        else:
+            for name in ("prompt", "text", "response"):
+                span.pop(name, None)
+        # Error text and metadata are sent with or without capture_content: scanned either way.
+        # A dict from report() may carry keys of its own: the appliance keeps them as metadata.
+        extra = [key for key in span if key not in _kafka._KNOWN] if external else ()
+        if span.get("error_message") or span.get("metadata") or extra:
+            SpanReporter._scan_fields(span, scanner, known, extra)
+
+    @staticmethod
+    def _scan_texts(span: dict, scanned: bool, cfg: Config, scanner, known: dict) -> None:
         for name in ("prompt", "text"):
             value = span.get(name)
             if value is None:
@@ -1154,10 +1163,6 @@ class SpanReporter:
                 meta = span.get("metadata")
                 span["metadata"] = {**(meta if isinstance(meta, dict) else {}), "response_pii_redacted": True}
             span["response"] = response
-        # A dict from report() may carry keys of its own: the appliance keeps them as metadata.
-        extra = [key for key in span if key not in _kafka._KNOWN] if external else ()
-        if span.get("error_message") or span.get("metadata") or extra:
-            SpanReporter._scan_fields(span, scanner, known, extra)
 
     @staticmethod
     def _scan_fields(span: dict, scanner, known: dict, extra) -> None:

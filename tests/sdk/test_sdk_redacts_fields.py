@@ -76,6 +76,22 @@ def test_http_post_body_holds_no_raw_pii_in_error_or_metadata(sink, delivered):
         assert secret not in json.dumps(other, ensure_ascii=False)
 
 
+def test_without_capture_content_error_and_metadata_are_still_redacted(sink):
+    """capture_content=False drops prompt and response; what is still sent is scanned all the same."""
+    sdk.configure(url=sink.url, api_key=sink.key, flush_interval=0.05, backoff_initial=0.05, backoff_max=0.2,
+                  capture_content=False)
+    reporter = sdk.SpanReporter()
+    sdk.set_reporter(reporter)
+    reporter.report(_span("nocapture-1"))
+    assert reporter.flush(10)
+    span = next(s for s in sink.spans if s["span_id"] == "nocapture-1")
+    assert "prompt" not in span or span["prompt"] is None
+    text = json.dumps(span, ensure_ascii=False)
+    for secret in _detected():
+        assert secret not in text, f"{secret!r} left raw in {text}"
+    assert span["pii_detected"] is True and "lookup failed" in span["error_message"]
+
+
 def test_a_span_without_pii_is_sent_unchanged(sink, delivered):
     metadata = {"job": CLEAN, "nested": {"list": ["a", "b", {"c": "d"}]}, "n": 7}
     delivered.report({"span_id": "clean-1", "error_message": "upstream timeout after 30 s", "metadata": metadata})
