@@ -215,9 +215,14 @@ def _apply_stored(cur, *, project_id: int, contents: list[Content]) -> tuple[set
         changes.append((before, row))
         updates.append([orjson.dumps(row[c]).decode() if c == "matched_patterns" and row[c] else row[c]
                         for c in _UPDATED_COLUMNS] + [project_id, row["timestamp_utc"], row["span_id"]])
-        if row["prompt_hash"] and row["prompt_hash"] != before["prompt_hash"]:
-            embed.append({"project_id": project_id, "prompt_hash": row["prompt_hash"],
-                          "timestamp_utc": row["timestamp_utc"]})
+        new_hash = row["prompt_hash"] and row["prompt_hash"] != before["prompt_hash"]
+        new_prompt = row["prompt"] and row["prompt"] != before["prompt"]
+        if new_hash or new_prompt:
+            # The embedding (a new sampled hash) and tier-2 injection classification (a new prompt).
+            embed.append({"project_id": project_id, "prompt_hash": row["prompt_hash"] if new_hash else None,
+                          "timestamp_utc": row["timestamp_utc"], "span_id": row["span_id"],
+                          "prompt": row["prompt"] if new_prompt else None,
+                          "injection_attempt": row["injection_attempt"]})
     if updates:
         cur.executemany(_UPDATE_SQL, updates)
         # The span was counted when it was stored: the roll-ups get only what changed (tokens, cost, flags).

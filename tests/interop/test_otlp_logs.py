@@ -176,6 +176,23 @@ def test_events_after_their_span_update_it_in_place(post):
     assert stored(span).response == CHOICE["content"]
 
 
+def test_a_prompt_that_arrives_by_log_after_its_span_goes_to_tier2(post, django_capture_on_commit_callbacks):
+    """Tier 1 scans the event's text on the way in; tier 2 (the worker's classifier) gets the span too."""
+    from tests.workers.test_injection_tier2 import _take_tasks
+
+    rec, events = Recorder(), Events()
+    span = chat_span(rec)
+    assert post("/v1/traces", rec.json(), JS).status_code == 200
+    project_id = stored(span).project_id
+    _take_tasks(project_id)  # the span came without a prompt: nothing to classify yet
+    events.chat(span, choices=())
+    with django_capture_on_commit_callbacks(execute=True):
+        assert post("/v1/logs", events.json(), JS).status_code == 200
+    assert stored(span).prompt == PROMPT_TEXT
+    tasks = _take_tasks(project_id)
+    assert [t["span_ids"] for t in tasks] == [[hex_id(span)]]
+
+
 @pytest.fixture
 def gpt4o_price(db):
     from ingest.models import ModelPrice
