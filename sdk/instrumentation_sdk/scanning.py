@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import re._constants as _C  # the parsed form of a regex, to find the literals its matches start with
+import re._parser as _sre_parse
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from importlib import resources
@@ -38,6 +40,12 @@ DIGITS_ANCHOR = "<digits>"
 WINDOW = 120  # characters kept either side of an anchor hit
 DIGIT_WINDOW = 48  # ... and of a run of digits (a digit pattern's match is the run and a few characters more)
 _MAX_MATCH = 4096  # longest match a windowed regex may produce before we re-check it unwindowed
+# How far a window's edge may move to reach whitespace. A secret (key, token, JWT) may be KBs without
+# a space; a number or an address is short; an injection window only needs to finish its last word.
+# Text without whitespace (compact JSON) would otherwise turn every window into several KB.
+_EDGE_SECRET = _MAX_MATCH
+_EDGE_DIGITS = 256
+_EDGE_INJECTION = 32
 _DIGIT_RUN = re.compile(r"\d[\d \-.()/+\[\]]{3,}\d")
 _SPACE = re.compile(r"\s")
 
@@ -249,9 +257,53 @@ _TRIM_POINTS = re.compile(r"[\s.\-/]+")
 _MAX_TRIMS = 3
 
 
+_MIN_HEAD = 2  # a literal head shorter than this ("a") would stop the literal pass at every other word
+_MAX_HEADS = 400
+
+
+def _heads(seq: list, acc: str = "", bounded: bool = False) -> set[tuple[str, bool]] | None:
+    """The literal strings every match of a parsed regex starts with, each with whether a \\b precedes it;
+    None when some branch starts otherwise (a class, a repeat) sooner than _MIN_HEAD characters in."""
+    for i, (op, av) in enumerate(seq):
+        if len(acc) >= 8:
+            break
+        if op is _C.LITERAL:
+            acc += chr(av)
+        elif op is _C.AT and av is _C.AT_BOUNDARY and not acc:
+            bounded = True
+        elif op is _C.SUBPATTERN and not av[1] and not av[2]:  # a plain group: its items, then ours
+            return _heads(list(av[3]) + list(seq[i + 1:]), acc, bounded)
+        elif op is _C.BRANCH:
+            out: set[tuple[str, bool]] = set()
+            for alternative in av[1]:
+                found = _heads(list(alternative) + list(seq[i + 1:]), acc, bounded)
+                if found is None:
+                    return None
+                out |= found
+                if len(out) > _MAX_HEADS:
+                    return None
+            return out
+        else:
+            break
+    return {(acc.lower(), bounded)} if len(acc) >= _MIN_HEAD else None
+
+
+@lru_cache(maxsize=256)
+def regex_heads(regex: str, flags: int) -> tuple[tuple[str, bool], ...] | None:
+    """Literal heads of an injection regex (see _heads); then the literal pass gives every position where a
+    match may start, and the regex is tried there with match() instead of searched for."""
+    if flags & ~re.IGNORECASE:
+        return None
+    try:
+        found = _heads(list(_sre_parse.parse(regex, flags).data))
+    except Exception:  # noqa: BLE001 - a regex we cannot analyse is searched for as before
+        return None
+    return tuple(sorted(found)) if found else None
+
+
 class _Compiled:
     __slots__ = ("spec", "regex", "validator", "placeholder", "windowed", "context", "exclude", "context_window",
-                 "injection", "checked")
+                 "injection", "checked", "edge", "heads")
 
     def __init__(self, spec: PatternSpec, phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> None:
         self.spec = spec
@@ -268,6 +320,10 @@ class _Compiled:
         self.validator = validator
         self.placeholder = spec.placeholder or spec.name.upper()
         self.windowed = bool(spec.anchors)
+        self.edge = _EDGE_INJECTION if self.injection else _EDGE_SECRET
+        # Injection regexes (run on lower-cased text) whose every match starts with a literal head: tried at
+        # the heads the literal pass finds, not searched over windows around their anchors.
+        self.heads = regex_heads(spec.regex, flags) if self.injection and self.regex is not None else None
         self.context = _words_regex(spec.context)
         self.exclude = _words_regex(spec.exclude_context)
         self.context_window = spec.context_window or CONTEXT_WINDOW
@@ -382,26 +438,40 @@ class Scanner:
         windows: dict[int, list[tuple[int, int]]] = {}
         phrase_hit: set[int] = set()
         context_seen: set[int] = set()
-        for start, end, hits in literals.hits(lower):
+        patterns = self.patterns
+        heads: dict[int, list[int]] = {}  # pattern index -> where a match of it may start
+        for end, (length, anchors, contexts, phrases, alnum_start, lead_heads, free_heads) in literals.hits(lower):
+            start = end - length
+            if contexts:
+                context_seen.update(contexts)
+            for index in free_heads:
+                heads.setdefault(index, []).append(start)
+            for index in lead_heads:  # the key's first character is the one before the head
+                heads.setdefault(index, []).append(start + 1)
+            if not anchors:
+                if not phrases:
+                    continue
             # An anchor that starts with a letter or digit starts a word ("ai" not in "said").
-            mid_word = start > 0 and _ascii_alnum(lower[start]) and _ascii_alnum(lower[start - 1])
-            for kind, index in hits:
-                if kind == "context":
-                    context_seen.add(index)
-                elif kind == "anchor":
-                    if not mid_word:
-                        spans = windows.setdefault(index, [])
-                        # Hits come in text order: extend the last window rather than add an overlapping one.
-                        if spans and start - WINDOW <= spans[-1][1]:
-                            spans[-1] = (spans[-1][0], max(spans[-1][1], end + WINDOW))
-                        else:
-                            spans.append((start - WINDOW, end + WINDOW))
-                elif aligned and self._bounded(text, start, end):
-                    p = self.patterns[index]
-                    if not (p.injection and _quoted(text, start, end)):
-                        matches.append(Match(p.spec.name, p.spec.type, start, end, p.placeholder))
-                elif not aligned:
-                    phrase_hit.add(index)
+            elif not (alnum_start and start > 0 and _ascii_alnum(lower[start - 1])):
+                low, high = start - WINDOW, end + WINDOW
+                for index in anchors:
+                    spans = windows.get(index)
+                    if spans is None:
+                        windows[index] = [(low, high)]
+                    # Hits come in text order: extend the last window rather than add an overlapping one.
+                    elif low <= spans[-1][1]:
+                        if high > spans[-1][1]:
+                            spans[-1] = (spans[-1][0], high)
+                    else:
+                        spans.append((low, high))
+            if phrases:
+                if not aligned:
+                    phrase_hit.update(phrases)
+                elif start >= 0 and self._bounded(text, start, end):
+                    for index in phrases:
+                        p = patterns[index]
+                        if not (p.injection and _quoted(text, start, end)):
+                            matches.append(Match(p.spec.name, p.spec.type, start, end, p.placeholder))
         for index in phrase_hit:  # re-locate phrase hits on the original text
             p = self.patterns[index]
             for phrase in p.spec.phrases:
@@ -413,15 +483,29 @@ class Scanner:
             p = self.patterns[index]
             if p.regex is None or (p.context is not None and index not in context_seen):
                 continue  # a pattern with context words, none of which is in the text, cannot match
+            if p.heads is not None and aligned:
+                for m in _matches_at(p.regex, lower, heads.get(index, ())):
+                    end = p.accept(text, lower, m.start(), m.end()) if p.checked else m.end()
+                    if end >= 0:
+                        matches.append(Match(p.spec.name, p.spec.type, m.start(), end, p.placeholder))
+                continue
             if not p.windowed or not aligned:
                 spans = [(0, len(text))]
             else:
-                spans = _edged(text, windows[index]) if index in windows else []
+                if index not in windows:
+                    spans = []
+                elif len(text) <= WINDOW:  # a window around any hit covers a text this short
+                    spans = [(0, len(text))]
+                else:
+                    spans = _edged(text, windows[index], p.edge)
                 if index in self._digit_set:
                     if digit_spans is None:
                         # One set of windows around digit runs, shared by every digit pattern.
-                        digit_spans = _edged(text, [(m.start() - DIGIT_WINDOW, m.end() + DIGIT_WINDOW)
-                                                    for m in _DIGIT_RUN.finditer(text)])
+                        if len(text) <= DIGIT_WINDOW:
+                            digit_spans = [(0, len(text))] if _DIGIT_RUN.search(text) else []
+                        else:
+                            digit_spans = _edged(text, [(m.start() - DIGIT_WINDOW, m.end() + DIGIT_WINDOW)
+                                                        for m in _DIGIT_RUN.finditer(text)], _EDGE_DIGITS)
                     if digit_spans:
                         spans = _merge(spans + digit_spans, len(text)) if spans else digit_spans
                 if not spans:
@@ -480,6 +564,12 @@ def _ascii_alnum(char: str) -> bool:
     return char.isascii() and char.isalnum()
 
 
+# Characters that may precede a word (\b before a letter): ASCII punctuation and whitespace, and the usual
+# Unicode quotes, dashes and CJK punctuation. A head after anything else ("☛ignore") is not tried.
+_BOUNDARY_LEADS = tuple(sorted(set(" \t\n\r\x0b\x0c!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~")
+                               | set("\u00a0\u2018\u2019\u201a\u201c\u201d\u201e\u00ab\u00bb\u2039\u203a\u2013\u2014\u2026"
+                                     "\u00bf\u00a1\u2022\u00b7\u3001\u3002\uff0c\uff1a\uff1b\uff08\uff09\u3010\u3011\u300c\u300d"
+                                     "\u2028\u2029\u3000\u2003\u2002\u2009\u200a\u202f")))
 _WORD_ENDS = tuple(" \t\n\r.,;:!?)]}'\"/-*_=#<>([{|\\@&+%~`") + ("\u2019", "\u201d", "\u00a0")
 _ROT13_CUES = ("rot13", "rot-13", "rot 13", "caesar", "rotate each letter", "rotated by 13", "shift by 13", "cipher")
 _MAX_DECODE_DEPTH = 2
@@ -495,7 +585,14 @@ class _Literals:
             for phrase in p.spec.phrases:
                 if phrase.strip():
                     table.setdefault(phrase.lower(), []).append(("phrase", i))
-            for anchor in p.spec.anchors:
+            for head, bounded in p.heads or ():
+                if bounded and _ascii_alnum(head[0]):
+                    # A head after \b: keyed with the character before it, so no hit inside a word reaches Python.
+                    for lead in _BOUNDARY_LEADS:
+                        table.setdefault(lead + head, []).append(("head", i))
+                else:
+                    table.setdefault(head, []).append(("head_anywhere", i))
+            for anchor in () if p.heads else p.spec.anchors:
                 if anchor != DIGITS_ANCHOR and anchor.strip():
                     # "mode " (a trailing space): the whole word, not "model"; "ignor": any word it starts.
                     key = anchor.lower()
@@ -510,50 +607,75 @@ class _Literals:
                     for end in _WORD_ENDS:
                         table.setdefault(word.lower().strip() + suffix + end, []).append(("context", i))
         self.table = table
+        # Each literal's hits grouped by kind once, so the per-hit loop in Scanner._pass does no sorting out:
+        # (length, anchor indices, context indices, phrase indices, starts with an ASCII letter/digit).
+        self.grouped = {key: (len(key), tuple(i for k, i in hits if k == "anchor"),
+                              tuple(i for k, i in hits if k == "context"), tuple(i for k, i in hits if k == "phrase"),
+                              _ascii_alnum(key[0]), tuple(i for k, i in hits if k == "head"),
+                              tuple(i for k, i in hits if k == "head_anywhere"))
+                        for key, hits in table.items()}
         self.automaton = None
         if table and ahocorasick is not None:
             automaton = ahocorasick.Automaton()
-            for key, hits in table.items():
-                automaton.add_word(key, (len(key), tuple(hits)))
+            for key, value in self.grouped.items():
+                automaton.add_word(key, value)
             automaton.make_automaton()
             self.automaton = automaton
 
-    def hits(self, lower: str) -> Iterable[tuple[int, int, tuple[tuple[str, int], ...]]]:
-        """(start, end, hits) of every phrase/anchor occurrence in the lower-cased text."""
-        lower += " "  # a whole-word key ends with one of _WORD_ENDS, even at the end of the text
+    def hits(self, lower: str) -> Iterable[tuple[int, tuple]]:
+        """(end of the hit, its grouped value) of every phrase/anchor occurrence in the lower-cased text: the
+        text is searched with a space either side (a whole-word key ends with one of _WORD_ENDS, a head key
+        starts with one of _BOUNDARY_LEADS, at either end of the text too), so the end index found is the
+        end (exclusive) of the hit in the text."""
+        lower = " " + lower + " "
         if self.automaton is not None:
-            for end_index, (length, hits) in self.automaton.iter(lower):
-                yield end_index - length + 1, end_index + 1, hits
-        else:
-            for key, hits in self.table.items():
-                start = lower.find(key)
-                while start != -1:
-                    yield start, start + len(key), tuple(hits)
-                    start = lower.find(key, start + 1)
+            return self.automaton.iter(lower)
+        found = []
+        for key, value in self.grouped.items():
+            start = lower.find(key)
+            while start != -1:
+                found.append((start + len(key) - 1, value))
+                start = lower.find(key, start + 1)
+        found.sort(key=lambda hit: hit[0])  # text order, as the automaton gives them
+        return found
 
 
-def _edged(text: str, windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merged windows, widened to whitespace so none starts or ends inside a match."""
+def _matches_at(regex: re.Pattern, text: str, starts: Sequence[int]):
+    """The matches of regex in text that start at one of `starts` (in text order): finditer's matches when
+    every match starts at one of them."""
+    last_end = 0
+    for pos in sorted(set(starts)) if len(starts) > 1 else starts:
+        if pos < last_end:
+            continue
+        m = regex.match(text, pos)
+        if m is not None:
+            yield m
+            last_end = m.end() if m.end() > m.start() else m.start() + 1
+
+
+def _edged(text: str, windows: list[tuple[int, int]], reach: int = _MAX_MATCH) -> list[tuple[int, int]]:
+    """Merged windows, widened to whitespace (at most `reach` characters) so none starts or ends inside a match."""
     if not windows:
         return []
     merged = _merge([(max(0, a), b) for a, b in windows], len(text))
-    return _merge([(_left_edge(text, a), _right_edge(text, b)) for a, b in merged], len(text))
+    return _merge([(_left_edge(text, a, reach), _right_edge(text, b, reach)) for a, b in merged], len(text))
 
 
-def _left_edge(text: str, pos: int) -> int:
+def _left_edge(text: str, pos: int, reach: int = _MAX_MATCH) -> int:
     """Move a window start left to a whitespace boundary, so it never begins inside a match."""
-    limit = max(0, pos - _MAX_MATCH)
-    while pos > limit and not text[pos - 1].isspace():
-        pos -= 1
-    return pos
+    if pos <= 0:
+        return 0
+    limit = max(0, pos - reach)
+    # rfind per common whitespace character (C speed); other whitespace only widens the window to `limit`.
+    return max(max(text.rfind(c, limit, pos) for c in " \n\t\r") + 1, limit)
 
 
-def _right_edge(text: str, pos: int) -> int:
+def _right_edge(text: str, pos: int, reach: int = _MAX_MATCH) -> int:
     """Move a window end right to a whitespace boundary (keys and addresses hold no spaces)."""
     if pos >= len(text):
         return len(text)
-    m = _SPACE.search(text, pos, pos + _MAX_MATCH)
-    return m.start() if m else min(len(text), pos + _MAX_MATCH)
+    m = _SPACE.search(text, pos, pos + reach)
+    return m.start() if m else min(len(text), pos + reach)
 
 
 def _merge(spans: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
