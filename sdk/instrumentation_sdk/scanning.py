@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import re._constants as _C  # the parsed form of a regex, to find the literals its matches start with
-import re._parser as _sre_parse
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from importlib import resources
@@ -257,53 +255,9 @@ _TRIM_POINTS = re.compile(r"[\s.\-/]+")
 _MAX_TRIMS = 3
 
 
-_MIN_HEAD = 2  # a literal head shorter than this ("a") would stop the literal pass at every other word
-_MAX_HEADS = 400
-
-
-def _heads(seq: list, acc: str = "", bounded: bool = False) -> set[tuple[str, bool]] | None:
-    """The literal strings every match of a parsed regex starts with, each with whether a \\b precedes it;
-    None when some branch starts otherwise (a class, a repeat) sooner than _MIN_HEAD characters in."""
-    for i, (op, av) in enumerate(seq):
-        if len(acc) >= 8:
-            break
-        if op is _C.LITERAL:
-            acc += chr(av)
-        elif op is _C.AT and av is _C.AT_BOUNDARY and not acc:
-            bounded = True
-        elif op is _C.SUBPATTERN and not av[1] and not av[2]:  # a plain group: its items, then ours
-            return _heads(list(av[3]) + list(seq[i + 1:]), acc, bounded)
-        elif op is _C.BRANCH:
-            out: set[tuple[str, bool]] = set()
-            for alternative in av[1]:
-                found = _heads(list(alternative) + list(seq[i + 1:]), acc, bounded)
-                if found is None:
-                    return None
-                out |= found
-                if len(out) > _MAX_HEADS:
-                    return None
-            return out
-        else:
-            break
-    return {(acc.lower(), bounded)} if len(acc) >= _MIN_HEAD else None
-
-
-@lru_cache(maxsize=256)
-def regex_heads(regex: str, flags: int) -> tuple[tuple[str, bool], ...] | None:
-    """Literal heads of an injection regex (see _heads); then the literal pass gives every position where a
-    match may start, and the regex is tried there with match() instead of searched for."""
-    if flags & ~re.IGNORECASE:
-        return None
-    try:
-        found = _heads(list(_sre_parse.parse(regex, flags).data))
-    except Exception:  # noqa: BLE001 - a regex we cannot analyse is searched for as before
-        return None
-    return tuple(sorted(found)) if found else None
-
-
 class _Compiled:
     __slots__ = ("spec", "regex", "validator", "placeholder", "windowed", "context", "exclude", "context_window",
-                 "injection", "checked", "edge", "heads")
+                 "injection", "checked", "edge")
 
     def __init__(self, spec: PatternSpec, phone_regions: Sequence[str] = DEFAULT_PHONE_REGIONS) -> None:
         self.spec = spec
@@ -321,9 +275,6 @@ class _Compiled:
         self.placeholder = spec.placeholder or spec.name.upper()
         self.windowed = bool(spec.anchors)
         self.edge = _EDGE_INJECTION if self.injection else _EDGE_SECRET
-        # Injection regexes (run on lower-cased text) whose every match starts with a literal head: tried at
-        # the heads the literal pass finds, not searched over windows around their anchors.
-        self.heads = regex_heads(spec.regex, flags) if self.injection and self.regex is not None else None
         self.context = _words_regex(spec.context)
         self.exclude = _words_regex(spec.exclude_context)
         self.context_window = spec.context_window or CONTEXT_WINDOW
@@ -439,15 +390,10 @@ class Scanner:
         phrase_hit: set[int] = set()
         context_seen: set[int] = set()
         patterns = self.patterns
-        heads: dict[int, list[int]] = {}  # pattern index -> where a match of it may start
-        for end, (length, anchors, contexts, phrases, alnum_start, lead_heads, free_heads) in literals.hits(lower):
+        for end, (length, anchors, contexts, phrases, alnum_start) in literals.hits(lower):
             start = end - length
             if contexts:
                 context_seen.update(contexts)
-            for index in free_heads:
-                heads.setdefault(index, []).append(start)
-            for index in lead_heads:  # the key's first character is the one before the head
-                heads.setdefault(index, []).append(start + 1)
             if not anchors:
                 if not phrases:
                     continue
@@ -483,12 +429,6 @@ class Scanner:
             p = self.patterns[index]
             if p.regex is None or (p.context is not None and index not in context_seen):
                 continue  # a pattern with context words, none of which is in the text, cannot match
-            if p.heads is not None and aligned:
-                for m in _matches_at(p.regex, lower, heads.get(index, ())):
-                    end = p.accept(text, lower, m.start(), m.end()) if p.checked else m.end()
-                    if end >= 0:
-                        matches.append(Match(p.spec.name, p.spec.type, m.start(), end, p.placeholder))
-                continue
             if not p.windowed or not aligned:
                 spans = [(0, len(text))]
             else:
@@ -564,12 +504,6 @@ def _ascii_alnum(char: str) -> bool:
     return char.isascii() and char.isalnum()
 
 
-# Characters that may precede a word (\b before a letter): ASCII punctuation and whitespace, and the usual
-# Unicode quotes, dashes and CJK punctuation. A head after anything else ("☛ignore") is not tried.
-_BOUNDARY_LEADS = tuple(sorted(set(" \t\n\r\x0b\x0c!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~")
-                               | set("\u00a0\u2018\u2019\u201a\u201c\u201d\u201e\u00ab\u00bb\u2039\u203a\u2013\u2014\u2026"
-                                     "\u00bf\u00a1\u2022\u00b7\u3001\u3002\uff0c\uff1a\uff1b\uff08\uff09\u3010\u3011\u300c\u300d"
-                                     "\u2028\u2029\u3000\u2003\u2002\u2009\u200a\u202f")))
 _WORD_ENDS = tuple(" \t\n\r.,;:!?)]}'\"/-*_=#<>([{|\\@&+%~`") + ("\u2019", "\u201d", "\u00a0")
 _ROT13_CUES = ("rot13", "rot-13", "rot 13", "caesar", "rotate each letter", "rotated by 13", "shift by 13", "cipher")
 _MAX_DECODE_DEPTH = 2
@@ -585,14 +519,7 @@ class _Literals:
             for phrase in p.spec.phrases:
                 if phrase.strip():
                     table.setdefault(phrase.lower(), []).append(("phrase", i))
-            for head, bounded in p.heads or ():
-                if bounded and _ascii_alnum(head[0]):
-                    # A head after \b: keyed with the character before it, so no hit inside a word reaches Python.
-                    for lead in _BOUNDARY_LEADS:
-                        table.setdefault(lead + head, []).append(("head", i))
-                else:
-                    table.setdefault(head, []).append(("head_anywhere", i))
-            for anchor in () if p.heads else p.spec.anchors:
+            for anchor in p.spec.anchors:
                 if anchor != DIGITS_ANCHOR and anchor.strip():
                     # "mode " (a trailing space): the whole word, not "model"; "ignor": any word it starts.
                     key = anchor.lower()
@@ -611,8 +538,7 @@ class _Literals:
         # (length, anchor indices, context indices, phrase indices, starts with an ASCII letter/digit).
         self.grouped = {key: (len(key), tuple(i for k, i in hits if k == "anchor"),
                               tuple(i for k, i in hits if k == "context"), tuple(i for k, i in hits if k == "phrase"),
-                              _ascii_alnum(key[0]), tuple(i for k, i in hits if k == "head"),
-                              tuple(i for k, i in hits if k == "head_anywhere"))
+                              _ascii_alnum(key[0]))
                         for key, hits in table.items()}
         self.automaton = None
         if table and ahocorasick is not None:
@@ -624,9 +550,8 @@ class _Literals:
 
     def hits(self, lower: str) -> Iterable[tuple[int, tuple]]:
         """(end of the hit, its grouped value) of every phrase/anchor occurrence in the lower-cased text: the
-        text is searched with a space either side (a whole-word key ends with one of _WORD_ENDS, a head key
-        starts with one of _BOUNDARY_LEADS, at either end of the text too), so the end index found is the
-        end (exclusive) of the hit in the text."""
+        text is searched with a space either side (a whole-word key ends with one of _WORD_ENDS, at the end
+        of the text too), so the end index found is the end (exclusive) of the hit in the text."""
         lower = " " + lower + " "
         if self.automaton is not None:
             return self.automaton.iter(lower)
@@ -638,19 +563,6 @@ class _Literals:
                 start = lower.find(key, start + 1)
         found.sort(key=lambda hit: hit[0])  # text order, as the automaton gives them
         return found
-
-
-def _matches_at(regex: re.Pattern, text: str, starts: Sequence[int]):
-    """The matches of regex in text that start at one of `starts` (in text order): finditer's matches when
-    every match starts at one of them."""
-    last_end = 0
-    for pos in sorted(set(starts)) if len(starts) > 1 else starts:
-        if pos < last_end:
-            continue
-        m = regex.match(text, pos)
-        if m is not None:
-            yield m
-            last_end = m.end() if m.end() > m.start() else m.start() + 1
 
 
 def _edged(text: str, windows: list[tuple[int, int]], reach: int = _MAX_MATCH) -> list[tuple[int, int]]:
