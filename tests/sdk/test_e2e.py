@@ -304,7 +304,7 @@ while i < total:
     # span i always has the same id: re-reporting the one a kill interrupted is deduplicated
     reporter.report({"span_id": f"{prefix}-{i:05d}", "model": "gpt-4o-mini", "provider": "openai",
                      "prompt_tokens": 10, "completion_tokens": 2, "status": "success",
-                     "prompt": f"question {i}: call me at 555-867-5309"})
+                     "prompt": f"question {i}: call me at (415) 867-5309"})
     i += 1
     progress[:8] = i.to_bytes(8, "little")   # after report() returned: the test counts it as reported
 sys.stdin.readline()
