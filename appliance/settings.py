@@ -136,6 +136,11 @@ _unknown_regions = sorted(set(PII_PHONE_REGIONS) - phonenumbers.SUPPORTED_REGION
 if _unknown_regions:
     raise ConfigError(f"PII_PHONE_REGIONS: unknown region code(s) {', '.join(_unknown_regions)}")
 
+# Metadata values (any depth) are always scanned for PII and redacted. Injection patterns run on the
+# prompt, response and error message; on metadata values too when this is on (costs most of the
+# scanning time on JSON-heavy metadata such as OpenLLMetry's traceloop.entity.input/output).
+SCAN_METADATA_INJECTION = env_bool("SCAN_METADATA_INJECTION", False)
+
 # --- metrics ------------------------------------------------------------------
 # `manage.py serve` gives every child this folder: prometheus_client's multiprocess mode, one /metrics for all.
 PROMETHEUS_MULTIPROC_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", str(DATA_DIR / "prometheus"))).expanduser()

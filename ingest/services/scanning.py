@@ -70,7 +70,10 @@ SCAN_METADATA = True
 
 
 def _limits() -> Limits:
-    return Limits(depth=MAX_METADATA_DEPTH, chars=MAX_METADATA_CHARS, values=MAX_METADATA_VALUES)
+    from django.conf import settings
+
+    return Limits(depth=MAX_METADATA_DEPTH, chars=MAX_METADATA_CHARS, values=MAX_METADATA_VALUES,
+                  injection=getattr(settings, "SCAN_METADATA_INJECTION", False))
 
 
 def _withhold_all(metadata: dict) -> dict:

@@ -41,6 +41,10 @@ class Limits(NamedTuple):
     depth: int = 64
     chars: int = 1_000_000
     values: int = 10_000
+    # Injection patterns on metadata values too (PII always). Off by default: they cost most of the
+    # scanning time on JSON-heavy metadata, and the prompt, response and error message are scanned for
+    # injection anyway (metadata such as traceloop.entity.input mostly repeats them).
+    injection: bool = False
 
 
 DEFAULT_LIMITS = Limits()
@@ -58,15 +62,15 @@ _MAX_JSON_NESTING = 4
 # (scopes, kinds, resource attributes, model names, URLs) and is not scanned again. Emptied when full.
 _CLEAN_TEXT_CHARS = 256
 _CLEAN_TEXTS = 8192
-_clean: Tuple[Optional[Scanner], Set[str]] = (None, set())
+_clean: Tuple[Optional[Scanner], bool, Set[str]] = (None, False, set())
 
 
-def _clean_texts(engine: Scanner) -> Set[str]:
+def _clean_texts(engine: Scanner, injection: bool) -> Set[str]:
     global _clean
-    known_engine, texts = _clean
-    if known_engine is not engine:  # the patterns changed: what was clean may not be
+    known_engine, known_injection, texts = _clean
+    if known_engine is not engine or known_injection != injection:  # what was clean may not be
         texts = set()
-        _clean = (engine, texts)
+        _clean = (engine, injection, texts)
     elif len(texts) >= _CLEAN_TEXTS:
         texts.clear()
     return texts
@@ -128,7 +132,8 @@ class Verdict:
         self.matched.update(result.matched)
 
 
-def scan_texts(engine: Scanner, texts: List[str], verdict: Verdict, *, drop: bool) -> Dict[str, str]:
+def scan_texts(engine: Scanner, texts: List[str], verdict: Verdict, *, drop: bool,
+               injection: bool = False) -> Dict[str, str]:
     """{text: replacement} for the texts with PII; what they hold is added to `verdict`.
 
     One scan of all texts joined: most metadata holds nothing, and one call costs far less than one per
@@ -141,20 +146,20 @@ def scan_texts(engine: Scanner, texts: List[str], verdict: Verdict, *, drop: boo
     for text in texts:
         starts.append(position)
         position += len(text) + len(_SEPARATOR)
-    found = engine.scan(_SEPARATOR.join(texts), redact=False)
+    found = engine.scan(_SEPARATOR.join(texts), redact=False, injection=injection)
     hit: Set[int] = set()
     for m in found.matches:
         i = max(0, bisect.bisect_right(starts, m.start) - 1)
         while i < len(texts) and starts[i] < max(m.end, m.start + 1):  # every text the match touches
             hit.add(i)
             i += 1
-    clean = _clean_texts(engine)
+    clean = _clean_texts(engine, injection)
     clean.update(text for i, text in enumerate(texts) if i not in hit and len(text) <= _CLEAN_TEXT_CHARS)
     if not hit:
         return {}
     replacements = {}
     for i in sorted(hit):
-        result = engine.scan(texts[i], redact=not drop)
+        result = engine.scan(texts[i], redact=not drop, injection=injection)
         verdict.add(result)
         if result.pii_detected:
             replacements[texts[i]] = REDACTED if drop else result.redacted
@@ -204,9 +209,10 @@ def redact_values(engine: Scanner, row: dict, verdict: Verdict, *, drop: bool, l
         walk.visit(meta, ("metadata",), 0)
     if not walk.leaves and not walk.unscanned:
         return
-    clean = _clean_texts(engine)
+    clean = _clean_texts(engine, limits.injection)
     replacements = scan_texts(
-        engine, list(dict.fromkeys(t for _, t in walk.leaves if t not in known and t not in clean)), verdict, drop=drop)
+        engine, list(dict.fromkeys(t for _, t in walk.leaves if t not in known and t not in clean)), verdict, drop=drop,
+        injection=limits.injection)
     for text, result in known.items():
         if result.pii_detected:
             replacements[text] = REDACTED if drop else result.redacted

@@ -133,14 +133,41 @@ _CARD_BRANDS = re.compile(
 )
 
 
+# How card numbers are grouped when they are written with separators: fours (the last group may be
+# shorter), or American Express / Diners 4-6-5 / 4-6-4. A float or an id with dots in odd places is not one.
+_CARD_GROUPS = re.compile(r"\d{4}(?:\D+\d{4}){2,3}(?:\D+\d{1,4})?|\d{4}\D+\d{6}\D+\d{4,5}")
+
+
 def card_ok(text: str) -> bool:
     digits = "".join(c for c in text if c.isdigit())
+    if len(digits) != len(text) and not _CARD_GROUPS.fullmatch(text):
+        return False
     return luhn_ok(digits) and _CARD_BRANDS.fullmatch(digits) is not None
 
 
+# IBAN length by country (the ISO 13616 registry): a code that is not there, or the wrong length, is no IBAN
+# (hex ids and UUIDs pass mod-97 one time in 97).
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BI": 27, "BR": 29,
+    "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27, "DK": 18, "DO": 28, "EE": 20, "EG": 29,
+    "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28,
+    "HN": 28, "HR": 21, "HU": 28, "IE": 22, "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20,
+    "LB": 28, "LC": 32, "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24, "PL": 28, "PS": 29,
+    "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31, "SD": 18, "SE": 24, "SI": 19, "SK": 24,
+    "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23, "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
+    "YE": 30,
+}
+
+
 def iban_ok(text: str) -> bool:
-    compact = re.sub(r"[\s.\-]", "", text).upper()
-    if not 15 <= len(compact) <= 34 or not compact[:2].isalpha() or not compact[2:4].isdigit():
+    groups = [g for g in re.split(r"[\s.\-]+", text.strip()) if g]
+    if len(groups) > 1 and len(groups[0]) == 2:  # "DE 89 3704 ...", "PL 7938604..."
+        groups = [groups[0] + groups[1], *groups[2:]]
+    if len(groups) > 1 and any(len(g) != 4 for g in groups[:-1]):
+        return False  # written in fours ("DE89 3704 ..."); a UUID's 8-4-4 head is an id
+    compact = "".join(groups).upper()
+    if _IBAN_LENGTHS.get(compact[:2]) != len(compact) or not compact[2:4].isdigit():
         return False
     rearranged = compact[4:] + compact[:4]
     try:
@@ -361,11 +388,14 @@ class Scanner:
     def find(self, text: str) -> list[Match]:
         return self._find(text)[0]
 
-    def _find(self, text: str) -> tuple[list[Match], str | None]:
-        """(matches, the normalised text when injection patterns saw one that differs from text.lower())."""
+    def _find(self, text: str, injection: bool = True) -> tuple[list[Match], str | None]:
+        """(matches, the normalised text when injection patterns saw one that differs from text.lower()).
+        injection=False: the PII patterns only (no normalising, no decoding)."""
         if not text:
             return [], None
         lower = text.lower()
+        if not injection:
+            return self._pass(text, lower, self._pii, self._literals_pii), None
         aligned = len(lower) == len(text)  # some characters change length when lower-cased
         normalized, changed = normalize(text) if self._injection else (lower, False)
         if not changed and aligned:
@@ -488,10 +518,11 @@ class Scanner:
                 last_end = m.end()
                 pos = m.end() if m.end() > m.start() else m.start() + 1
 
-    def scan(self, text: str | None, *, redact: bool = True) -> ScanResult:
+    def scan(self, text: str | None, *, redact: bool = True, injection: bool = True) -> ScanResult:
+        """PII matches (redacted when `redact`) and, unless injection=False, injection matches."""
         if not text:
             return ScanResult(redacted=text)
-        matches, normalized = self._find(text)
+        matches, normalized = self._find(text, injection)
         result = ScanResult(matches=matches, normalized=normalized)
         result.pii_detected = any(m.type == PII for m in matches)
         result.injection_attempt = any(m.type == INJECTION for m in matches)
