@@ -133,14 +133,12 @@ _CARD_BRANDS = re.compile(
 )
 
 
-# How card numbers are grouped when they are written with separators: fours (the last group may be
-# shorter), or American Express / Diners 4-6-5 / 4-6-4. A float or an id with dots in odd places is not one.
-_CARD_GROUPS = re.compile(r"\d{4}(?:\D+\d{4}){2,3}(?:\D+\d{1,4})?|\d{4}\D+\d{6}\D+\d{4,5}")
-
-
 def card_ok(text: str) -> bool:
     digits = "".join(c for c in text if c.isdigit())
-    if len(digits) != len(text) and not _CARD_GROUPS.fullmatch(text):
+    groups = re.findall(r"\d+", text)
+    # Written with separators, a card's groups are 3+ digits long ("4111 1111 1111 1111", "3782 822463
+    # 10005", even "5386 23491943 8604"); a decimal number ("441.1537493493981") is not one.
+    if len(groups) > 1 and (min(len(g) for g in groups[:-1]) < 3 or (len(groups) == 2 and "." in text)):
         return False
     return luhn_ok(digits) and _CARD_BRANDS.fullmatch(digits) is not None
 
