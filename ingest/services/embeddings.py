@@ -428,6 +428,18 @@ def _vector_literal(vector: list[float]) -> str:
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
 
 
+def content_key(prompt: str) -> str:
+    """A prompt's key: the spans' prompt_hash and its embedding's content_key."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def prompt_hash(row: dict) -> str | None:
+    """The prompt_hash of a span row: set for a sampled prompt without PII (which is then embedded);
+    a prompt with PII keeps no derived fields (hash, embedding)."""
+    return content_key(row["prompt"]) if row.get("is_sampled") and row.get("prompt") and not row["pii_detected"] \
+        else None
+
+
 def embeddings_enqueue(*, rows: list[dict]) -> None:
     """After the spans' commit: one task per project for the sampled, PII-free prompts, and the tier-2
     injection classification of every new prompt tier 1 did not flag (sampled or not)."""

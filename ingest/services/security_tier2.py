@@ -28,7 +28,7 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from ingest.metrics import metrics_record_injection_tier2
-from ingest.services.embeddings import MODEL_NAME
+from ingest.services.embeddings import MODEL_NAME, content_key
 from ingest.services.injection_classifier import LABEL, classifier, normalise, views
 from ingest.services.rollups import rollups_change
 
@@ -147,7 +147,7 @@ def injection_tier2_classify(*, project_id: int, span_ids: list[str], start: dat
     # One classification per distinct prompt; the stored vector of a prompt embedded for search is its
     # first window's, when normalising leaves the prompt as it is (the embedder reads the raw prompt).
     prompts = sorted({prompt for _, _, prompt in spans})
-    keys = {p: hashlib.sha256(p.encode("utf-8")).hexdigest() for p in prompts}
+    keys = {p: content_key(p) for p in prompts}
     texts = [normalise(p) for p in prompts]
     stored = _stored_vectors(project_id, sorted({keys[p] for p, t in zip(prompts, texts) if t == p}))
     known = {i: stored[keys[p]] for i, (p, t) in enumerate(zip(prompts, texts)) if t == p and keys[p] in stored}

@@ -25,7 +25,6 @@ that has none (a stream's span often carries none).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -36,7 +35,7 @@ from django.db import connection, transaction
 
 from ingest.metrics import metrics_record_log_events, metrics_record_log_events_expired
 from ingest.otlp_logs import SpanContent
-from ingest.services.embeddings import embeddings_enqueue
+from ingest.services.embeddings import embeddings_enqueue, prompt_hash
 from ingest.services.pricing import price_table
 from ingest.services.rollups import rollups_change
 from ingest.services.scanning import scan_row
@@ -152,9 +151,7 @@ def _merge(row: dict, contents: list[Content]) -> bool:
             row["scan_status"] = "error"
         elif row.get("scan_status") is None:
             row["scan_status"] = "ok"
-        # As in spans_prepare: a sampled prompt is hashed (then embedded) unless the span has PII.
-        hashed = row.get("is_sampled") and row.get("prompt") and not row["pii_detected"]
-        row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if hashed else None
+        row["prompt_hash"] = prompt_hash(row)  # as in spans_prepare
     return changed
 
 

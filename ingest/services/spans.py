@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import operator
 import uuid
@@ -19,7 +18,7 @@ from pydantic import ValidationError
 from ingest.kinds import is_model_call, kind_normalize, kind_of
 from ingest.metrics import metrics_record_ingest
 from ingest.schemas import MAX_DEPTH, SpanIn
-from ingest.services.embeddings import embeddings_enqueue
+from ingest.services.embeddings import embeddings_enqueue, prompt_hash
 from ingest.services.partitions import partitions_ensure, partitions_forget_cache
 from ingest.services.pricing import price_table
 from ingest.services.rollups import rollups_add, rollups_change
@@ -289,9 +288,7 @@ def _row(project, span: SpanIn, ts: datetime, received_at: datetime, prices) -> 
 
     sampled = should_sample(row["span_id"], project.sampling_rate)
     row["is_sampled"] = sampled
-    # A prompt with PII keeps no derived fields (hash, embedding).
-    hashed = sampled and row["prompt"] and not row["pii_detected"]
-    row["prompt_hash"] = hashlib.sha256(row["prompt"].encode("utf-8")).hexdigest() if hashed else None
+    row["prompt_hash"] = prompt_hash(row)
     ttft, total = row["latency_ms_ttft"], row["latency_ms_total"]
     if ttft is not None and total is not None and ttft > total:
         # A first chunk after the end: the two were timed on different clocks (the anthropic SDK starts
