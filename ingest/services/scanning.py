@@ -51,7 +51,6 @@ def scan_text(text: str) -> ScanResult:
 
 # What a span carries that a user, a model or a tool wrote: redacted (or dropped) when it holds PII.
 CONTENT_FIELDS = ("prompt", "response", "error_message")
-SCANNED_FIELDS = CONTENT_FIELDS  # the name older callers know
 # Free-text labels (a span's name, its endpoint): kept, with the PII in them replaced.
 LABEL_FIELDS = ("name", "endpoint")
 
