@@ -211,12 +211,13 @@ _LEGACY_PHONE = re.compile(
 _NANP_SHAPE = re.compile(r"(?:1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}")
 _IN_SHAPE = re.compile(r"(?:91[ -]?)?[6-9]\d{4}[ -]?\d{5}")
 _DATE_SHAPE = re.compile(r"\d{1,4}([./-])\d{1,2}\1\d{1,4}|\d{1,2}[:.]\d{2}(?:[:.]\d{2})?")
+_ISO_DATE_HEAD = re.compile(r"(?:19|20)\d\d([-/.])[01]\d\1[0-3]\d(?!\d)")  # "2026-12-03 20…": a date and an hour
 
 
 @lru_cache(maxsize=4096)
 def _phone_verdict(value: str, regions: tuple[str, ...], with_context: bool) -> bool:
     digits = "".join(c for c in value if c.isdigit())
-    if not 7 <= len(digits) <= 15 or _DATE_SHAPE.fullmatch(value):
+    if not 7 <= len(digits) <= 15 or _DATE_SHAPE.fullmatch(value) or _ISO_DATE_HEAD.match(value):
         return False
     if phonenumbers is None:
         return _LEGACY_PHONE.fullmatch(value) is not None

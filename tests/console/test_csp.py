@@ -5,6 +5,7 @@ The browser test (test_browser.py) checks the same pages in Chromium: no violati
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 
 import pytest
@@ -92,7 +93,10 @@ def test_json_answers_carry_no_policy(client, api_key):
 
 
 def test_the_trace_bars_are_data_attributes(staff_client, project):
-    make_spans(project, 1, trace_id="t-bars", span_id="a", latency_ms_total=1000)
-    make_spans(project, 1, trace_id="t-bars", span_id="b", parent_span_id="a", latency_ms_total=250)
+    # One start for both: each make_spans() reads the clock, and a slow first call (patterns
+    # compiled, partitions created) on a loaded machine once put b's end after a's.
+    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    make_spans(project, 1, start=start, trace_id="t-bars", span_id="a", latency_ms_total=1000)
+    make_spans(project, 1, start=start, trace_id="t-bars", span_id="b", parent_span_id="a", latency_ms_total=250)
     body = staff_client.get(f"/p/{project.name}/trace/", {"id": "t-bars"}).content.decode()
     assert 'data-indent="1"' in body and 'data-width="100.00"' in body and 'data-left="0.00"' in body

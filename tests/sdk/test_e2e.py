@@ -175,6 +175,13 @@ def test_seed_readme_examples_run_as_written(appliance, tmp_path):
            "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    # The exit flush is bounded (5 s): on a loaded machine what the appliance did not answer in time
+    # waits in the WAL for the next run, as a user's next start would send it. This is that next run.
+    left = wal_count(tmp_path / "wal.db")
+    drain = subprocess.run([sys.executable, "-c", "from instrumentation_sdk import get_reporter as g; "
+                            "r = g(); print(r.flush(60), r.stats)"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert drain.stdout.startswith("True"), (left, drain.stdout, drain.stderr)
     assert "results 2 tiktoken True False bool" in out.stdout
     assert "Hello\n world\n!" in out.stdout
     assert "embedding" in out.stdout  # None until the appliance serves /v1/embeddings/embed, then 384
