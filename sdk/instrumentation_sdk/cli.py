@@ -1,6 +1,6 @@
-"""`llm-observe start|status|stop|check|wal`.
+"""`llm-observe start|status|stop|logs|check|wal`.
 
-start/status/stop drive the all-in-one appliance container with the docker CLI
+start/status/stop/logs drive the all-in-one appliance container with the docker CLI
 (flags of instrumentation-sdk 1.8.1); check verifies LLM_OBSERVE_URL and
 LLM_OBSERVE_API_KEY against a running appliance; `wal status|list|replay|purge|recover`
 shows and manages the SDK's local files (the WAL, its dead letters, spill files of
@@ -23,7 +23,13 @@ import urllib.request
 DEFAULT_NAME = "instrumentation-api-allinone"
 DEFAULT_IMAGE = "llm-observe"
 DEFAULT_TAG = "latest"
-CONTAINER_PORTS = {"api_port": 8000, "grafana_port": 3000, "otlp_port": 4317, "prometheus_port": 9090}
+# flag -> port inside the container. The API always; the others belong to the observability stack
+# (Grafana, Tempo's OTLP gRPC/HTTP, Prometheus) and are published only when it runs.
+API_PORT = {"api_port": 8000}
+STACK_PORTS = {"grafana_port": 3000, "otlp_port": 4317, "otlp_http_port": 4318, "prometheus_port": 9090}
+# What the docs promise for `docker stop`: the app drains its batches, the stack flushes its WAL.
+STOP_TIMEOUT = 60
+LOOPBACK = "127.0.0.1"
 
 
 def _err(message: str) -> int:
@@ -39,10 +45,15 @@ def _run(docker: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run([docker, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _last_line(out: subprocess.CompletedProcess) -> str:
+    lines = (out.stderr or out.stdout or "").strip().splitlines()
+    return lines[-1] if lines else f"exit status {out.returncode}"
+
+
 def _require_docker() -> tuple[str | None, int]:
     docker = _docker()
     if docker is None:
-        return None, _err("Docker is not installed or not on PATH; `start`, `status` and `stop` need it. "
+        return None, _err("Docker is not installed or not on PATH; `start`, `status`, `stop` and `logs` need it. "
                           "Install Docker (https://docs.docker.com/get-docker/), or run the appliance without "
                           "Docker from a source checkout with `make run`.")
     try:
@@ -50,32 +61,73 @@ def _require_docker() -> tuple[str | None, int]:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, _err(f"cannot run docker: {exc}")
     if info.returncode != 0:
-        detail = (info.stderr or info.stdout).strip().splitlines()[-1:] or ["no answer"]
-        return None, _err(f"the Docker daemon is not reachable ({detail[0]}). Is it running, and may this user use it?")
+        return None, _err(f"the Docker daemon is not reachable ({_last_line(info)}). "
+                          "Is it running, and may this user use it?")
     return docker, 0
 
 
 def _container_state(docker: str, name: str) -> str | None:
     """'running', 'exited', ... or None when there is no such container."""
-    out = _run(docker, "inspect", "--format", "{{.State.Status}}", name, timeout=30)
+    out = _run(docker, "container", "inspect", "--format", "{{.State.Status}}", name, timeout=30)
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def _ensure_image(docker: str, image: str) -> int:
+    """0 when the image is here (pulled if a registry has it), else 1 after saying how to get it."""
+    if _run(docker, "image", "inspect", "--format", "{{.Id}}", image, timeout=30).returncode == 0:
+        return 0
+    print(f"image {image} is not here; trying `docker pull {image}`", file=sys.stderr)
+    pulled = _run(docker, "pull", image, timeout=1800)
+    if pulled.returncode == 0:
+        return 0
+    return _err(f"image {image} not found: not built on this machine, and `docker pull` failed "
+                f"({_last_line(pulled)}). Build it from a source checkout: "
+                f"`docker build -f docker/Dockerfile -t {image} .`, or pass the image you use "
+                f"with --image and --tag (or LLM_OBSERVE_IMAGE).")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
 
 
+def _published(args: argparse.Namespace) -> dict[str, int]:
+    """flag -> container port, for the ports `start` publishes."""
+    return {**API_PORT, **({} if args.no_stack else STACK_PORTS)}
+
+
+def _host_url(args: argparse.Namespace, port: int) -> str:
+    host = LOOPBACK if args.bind in ("0.0.0.0", "::") else args.bind
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def run_command(args: argparse.Namespace) -> list[str]:
+    """The `docker run` arguments for a new container (its volume keeps data and credentials)."""
+    image = f"{args.image}:{args.tag}"
+    command = ["run", "-d", "--name", args.name, "--restart", "unless-stopped",
+               "--stop-timeout", str(STOP_TIMEOUT), "-v", f"{args.name}-data:/data"]
+    if args.no_stack:
+        command += ["-e", "WITH_OBSERVABILITY_STACK=0"]
+    for item in args.env:
+        command += ["-e", item]
+    for flag, inside in _published(args).items():
+        host = f"[{args.bind}]" if ":" in args.bind else args.bind
+        command += ["-p", f"{host}:{getattr(args, flag)}:{inside}"]
+    command.append(image)
+    return command
+
+
 def _wait_healthy(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=3) as response:
+            with opener.open(f"{url}/healthz", timeout=3) as response:
                 if response.status == 200:
                     return True
         except (urllib.error.URLError, OSError):
@@ -85,40 +137,46 @@ def _wait_healthy(url: str, timeout: float) -> bool:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    if args.publish_all:
+        args.bind = "0.0.0.0"
     docker, code = _require_docker()
     if docker is None:
         return code
     state = _container_state(docker, args.name)
-    url = f"http://127.0.0.1:{args.api_port}"
+    url = _host_url(args, args.api_port)
     if state == "running":
-        print(f"{args.name} is already running: API {url}, Grafana http://127.0.0.1:{args.grafana_port}")
+        print(f"{args.name} is already running (`docker port {args.name}` shows its ports)")
         return 0
     if state is not None:  # exists, stopped: reuse it (its volume holds the data and credentials)
         out = _run(docker, "start", args.name)
         if out.returncode != 0:
-            return _err(f"could not start the existing container {args.name}: {out.stderr.strip()}")
-        print(f"started the existing container {args.name}")
+            return _err(f"could not start the existing container {args.name}: {_last_line(out)}")
+        print(f"started the existing container {args.name} (with the ports and image it was created with)")
     else:
-        busy = [f"{flag.replace('_', '-')} {getattr(args, flag)}" for flag in CONTAINER_PORTS
-                if not _port_free(getattr(args, flag))]
+        busy = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in _published(args)
+                if not _port_free(args.bind, getattr(args, flag))]
         if busy:
-            return _err(f"port(s) already in use: {', '.join('--' + b for b in busy)}; choose others with those flags")
+            return _err(f"port(s) already in use on {args.bind}: {', '.join(busy)}; "
+                        "choose others with those flags")
         image = f"{args.image}:{args.tag}"
-        command = ["run", "-d", "--name", args.name, "--restart", "unless-stopped",
-                   "-v", f"{args.name}-data:/data"]
-        for flag, inside in CONTAINER_PORTS.items():
-            command += ["-p", f"{getattr(args, flag)}:{inside}"]
-        command.append(image)
-        out = _run(docker, *command, timeout=600)
+        if _ensure_image(docker, image):
+            return 1
+        out = _run(docker, *run_command(args), timeout=600)
         if out.returncode != 0:
-            return _err(f"docker run {image} failed: {out.stderr.strip()}")
-        print(f"started {args.name} from {image}")
+            return _err(f"docker run {image} failed: {_last_line(out)}")
+        print(f"started {args.name} from {image}, data in the volume {args.name}-data")
     if args.wait and not _wait_healthy(url, args.wait):
         return _err(f"{args.name} runs but {url}/healthz did not answer 200 within {args.wait:.0f}s; "
-                    f"see `docker logs {args.name}`")
-    print(f"API {url}  Grafana http://127.0.0.1:{args.grafana_port}  OTLP :{args.otlp_port}  "
-          f"Prometheus :{args.prometheus_port}")
-    print(f"first start: the admin password and API key are printed once in `docker logs {args.name}`")
+                    f"see `llm-observe logs --name {args.name}`")
+    where = "on every interface" if args.bind in ("0.0.0.0", "::") else f"on {args.bind} only"
+    line = f"API and console {url} ({where})"
+    if not args.no_stack:
+        line += (f"  Grafana {_host_url(args, args.grafana_port)}  OTLP gRPC :{args.otlp_port}  "
+                 f"OTLP/HTTP :{args.otlp_http_port}  Prometheus :{args.prometheus_port}")
+    print(line)
+    secrets = "the console admin password and the first API key" + ("" if args.no_stack else
+                                                                        " (and Grafana's admin password)")
+    print(f"first start: {secrets} are printed once, in `llm-observe logs --name {args.name}`")
     return 0
 
 
@@ -149,11 +207,24 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if state != "running":
         print(f"{args.name} is not running ({state})")
         return 0
-    out = _run(docker, "stop", args.name, timeout=120)
+    out = _run(docker, "stop", "--time", str(args.timeout), args.name, timeout=args.timeout + 60)
     if out.returncode != 0:
-        return _err(f"docker stop {args.name} failed: {out.stderr.strip()}")
+        return _err(f"docker stop {args.name} failed: {_last_line(out)}")
     print(f"stopped {args.name} (data kept in the volume {args.name}-data)")
     return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    docker, _state, code = _existing(args, f"{args.name}: no such container")
+    if docker is None:
+        return code
+    command = [docker, "logs"]
+    if args.follow:
+        command.append("--follow")
+    if args.tail is not None:
+        command += ["--tail", str(args.tail)]
+    # Straight to this terminal: the log can be long, and --follow runs until Ctrl-C.
+    return subprocess.call([*command, args.name])
 
 
 def check(url: str | None, api_key: str | None, timeout: float = 10.0) -> tuple[bool, str]:
@@ -361,18 +432,31 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-observe", description="Run and check an llm-observe appliance.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def container_flags(p: argparse.ArgumentParser) -> None:
-        # The same flags on start, status and stop, as in 1.8.1 (status/stop only use --name).
+    def name_flag(p: argparse.ArgumentParser) -> None:
         p.add_argument("--name", default=DEFAULT_NAME, help=f"container name (default {DEFAULT_NAME})")
+
+    def container_flags(p: argparse.ArgumentParser) -> None:
+        # The flags of 1.8.1, on start, status and stop (status/stop only use --name).
+        name_flag(p)
         p.add_argument("--image", default=os.environ.get("LLM_OBSERVE_IMAGE", DEFAULT_IMAGE))
         p.add_argument("--tag", default=DEFAULT_TAG)
-        p.add_argument("--api-port", type=int, default=8002)
-        p.add_argument("--grafana-port", type=int, default=3002)
-        p.add_argument("--otlp-port", type=int, default=4317)
-        p.add_argument("--prometheus-port", type=int, default=9090)
+        p.add_argument("--api-port", type=int, default=8002, help="host port of the API and console (8002)")
+        p.add_argument("--grafana-port", type=int, default=3002, help="host port of Grafana (3002)")
+        p.add_argument("--otlp-port", type=int, default=4317, help="host port of Tempo's OTLP gRPC (4317)")
+        p.add_argument("--otlp-http-port", type=int, default=4318, help="host port of Tempo's OTLP/HTTP (4318)")
+        p.add_argument("--prometheus-port", type=int, default=9090, help="host port of Prometheus (9090)")
 
     start = sub.add_parser("start", help="start the all-in-one appliance container (docker)")
     container_flags(start)
+    start.add_argument("--bind", default=LOOPBACK, metavar="ADDRESS",
+                       help="host address the ports are published on (default 127.0.0.1: this machine only; "
+                            "Prometheus and Tempo have no authentication)")
+    start.add_argument("--publish-all", action="store_true",
+                       help="publish on every interface (--bind 0.0.0.0); set -e ALLOWED_HOSTS=your.host too")
+    start.add_argument("--no-stack", action="store_true",
+                       help="without Grafana, Prometheus and Tempo (WITH_OBSERVABILITY_STACK=0): only the API port")
+    start.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE",
+                       help="environment of a new container (repeatable), e.g. ALLOWED_HOSTS=observe.example.com")
     start.add_argument("--wait", type=float, default=180.0, help="seconds to wait for /healthz (0: do not wait)")
     start.set_defaults(func=cmd_start)
 
@@ -382,7 +466,15 @@ def _parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", help="stop the appliance container (data is kept)")
     container_flags(stop)
+    stop.add_argument("--timeout", type=int, default=STOP_TIMEOUT,
+                      help=f"seconds to wait for a clean stop before Docker kills it (default {STOP_TIMEOUT})")
     stop.set_defaults(func=cmd_stop)
+
+    logs = sub.add_parser("logs", help="the appliance container's log (first-start credentials are in it)")
+    name_flag(logs)
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines")
+    logs.set_defaults(func=cmd_logs)
 
     chk = sub.add_parser("check", help="verify LLM_OBSERVE_URL and LLM_OBSERVE_API_KEY against the appliance "
                                        "(with the Kafka transport: the broker and its spans topic too)")
