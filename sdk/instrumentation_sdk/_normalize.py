@@ -39,7 +39,8 @@ _LEET_KEEP = re.compile(
     r"(?:rot\d+|base\d+|b64|md5|sha\d*|utf\d+|gpt\d\w*|mp[34]|ipv[46]|[hx]26[45]|x86|x64|win\d+|py\d+|"
     r"\d+(?:st|nd|rd|th|s|k|m|g|px|pm|am|d|h|x|kb|mb|gb|tb|ms|min|hz|mhz|ghz))"
 )
-_SPACED = re.compile(r"(?<!\w)\w(?:[ .\-_*/|]{1,3}\w(?!\w)){3,}")
+# Letters (not "_", a gap character: "e_n_a_b_l_e") one to six gap characters apart (wider gaps between words).
+_SPACED = re.compile(r"(?<![^\W_])[^\W_](?:[ .\-_*/|]{1,6}[^\W_](?![^\W_])){3,}")
 _GAP = re.compile(r"[ .\-_*/|]+")
 _WS = re.compile(r"\s+")
 # Cyrillic and Greek letters that look like Latin ones (lower case; the text is case-folded first).
@@ -116,7 +117,7 @@ _LEET_SHAPE = _class_table({_LETTERS: b"a", string.digits: b"1"})
 _DIGIT_TOKEN = re.compile(r"(?<![\w@$])[\w@$]*[\d@$][\w@$]*")
 _LEET_CUES = (b"a1a", b"a11a", b"a111a")  # one word like "pr3v10us" is enough: then every word is folded
 _SPACED_SHAPE = _class_table({_LETTERS: b"a", " .-_*/|": b"s"})
-_SPACED_CUE = b"sasasasa"
+_SPACED_CUES = (b"sasasasa", b"ssassassassa", b"sssasssasssasssa")  # gaps of one, two, three
 # Words cut into syllables with hyphens: "ig-no-re", "pre-vi-ous".
 _HYPHEN_SHAPE = _class_table({_LETTERS: b"a", "-": b"-"})
 _HYPHEN_CUE = b"-aa-"
@@ -127,7 +128,8 @@ def _cues(text: str) -> tuple[bool, bool, bool]:
     raw = b" " + text.encode("utf-8", "replace") + b" "
     leet_shape = raw.translate(_LEET_SHAPE)
     leet = any(cue in leet_shape for cue in _LEET_CUES)
-    return leet, _SPACED_CUE in raw.translate(_SPACED_SHAPE), _HYPHEN_CUE in raw.translate(_HYPHEN_SHAPE)
+    spaced_shape = raw.translate(_SPACED_SHAPE)
+    return leet, any(cue in spaced_shape for cue in _SPACED_CUES), _HYPHEN_CUE in raw.translate(_HYPHEN_SHAPE)
 
 
 def normalize(text: str) -> tuple[str, bool]:
