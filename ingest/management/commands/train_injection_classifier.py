@@ -1,6 +1,6 @@
 """Train the tier-2 injection classifier (ingest/data/injection_classifier.json) on the corpus's train split.
 
-    manage.py train_injection_classifier [--corpus tests/security/corpus/corpus.jsonl] [--max-fp 0.01]
+    manage.py train_injection_classifier [--corpus tests/security/corpus/corpus.jsonl] [--max-fp 0.005]
 
 Logistic regression (L2, class-balanced, Newton's method in numpy: deterministic) over the MiniLM
 vectors of the normalised texts. Positives: kind=injection; negatives: kind=clean and kind=pii
@@ -10,7 +10,8 @@ tier 1 used to flag). The held-out split is never trained on: it is only scored,
 The regularisation and the threshold are chosen by 5-fold cross-validation on the train split,
 folds by template family (the held-out split is split by family too, so a fold's texts come
 from phrasings the rest never saw): the threshold is the lowest at which the out-of-fold
-false positives on clean prompts stay within --max-fp.
+false positives on clean prompts stay within --max-fp (0.005: tier 1 flags about 0.4 % of the
+clean train prompts itself, and the two tiers together should stay near 1 %).
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--corpus", default=str(ROOT / "tests" / "security" / "corpus" / "corpus.jsonl"))
         parser.add_argument("--out", default=None, help="weights file (default: the shipped one)")
-        parser.add_argument("--max-fp", type=float, default=0.01,
-                            help="largest share of clean train prompts flagged out of fold (default 0.01)")
+        parser.add_argument("--max-fp", type=float, default=0.005,
+                            help="largest share of clean train prompts flagged out of fold (default 0.005)")
         parser.add_argument("--max-windows", type=int, default=None,
                             help="windows of a long prompt at evaluation (default: INJECTION_TIER2_MAX_WINDOWS)")
 
