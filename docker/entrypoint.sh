@@ -21,7 +21,7 @@ GRAFANA_HOME="${GRAFANA_HOME:-/opt/grafana}"
 STACK_USER="${STACK_USER:-observability}"
 export DATA_DIR PORT
 
-APP_DIR="$(cd "$(dirname "$0")/.." && pwd)"
+APP_DIR="${APP_DIR:-/app}"
 cd "$APP_DIR"
 
 log() { printf '%s entrypoint: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
@@ -29,10 +29,18 @@ log() { printf '%s entrypoint: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; 
 # Every argument goes to manage.py; for a shell use `docker run --entrypoint sh ...`.
 [ "$#" -gt 0 ] || set -- serve
 
-mkdir -p "$DATA_DIR" "$DATA_DIR/secrets"
+# A fresh named volume starts as the image's /data (owned by the app account, APP_UID), so both
+# root and `--user APP_UID` can write it; a bind-mounted host folder must be writable by the user.
+if ! mkdir -p "$DATA_DIR/secrets" 2>/dev/null || [ ! -w "$DATA_DIR" ] || [ ! -w "$DATA_DIR/secrets" ]; then
+    log "$DATA_DIR is not writable by uid $(id -u) (owner: $(stat -c %u:%g "$DATA_DIR" 2>/dev/null || echo '?')):" \
+        "use a named volume, or chown the mounted folder to the user the container runs as" \
+        "(the image's app account is $(id -u app 2>/dev/null || echo 10001))"
+    exit 1
+fi
 chmod 0700 "$DATA_DIR/secrets"
 
 STACK_PIDS=""
+MISSING=""
 
 stack_enabled() {
     case "${WITH_OBSERVABILITY_STACK:-1}" in
@@ -74,7 +82,7 @@ prepare_dir() {
 }
 
 start_tempo() {
-    [ -x "$TEMPO_HOME/tempo" ] || { log "tempo not in the image, skipped"; return 0; }
+    [ -x "$TEMPO_HOME/tempo" ] || { MISSING="$MISSING Tempo"; return 0; }
     prepare_dir "$DATA_DIR/tempo"
     log "starting Tempo (OTLP gRPC :4317, OTLP/HTTP :4318, query :3200)"
     # -config.expand-env: tempo.yaml places its storage under ${DATA_DIR}/tempo.
@@ -83,7 +91,7 @@ start_tempo() {
 }
 
 start_prometheus() {
-    [ -x "$PROMETHEUS_HOME/prometheus" ] || { log "prometheus not in the image, skipped"; return 0; }
+    [ -x "$PROMETHEUS_HOME/prometheus" ] || { MISSING="$MISSING Prometheus"; return 0; }
     prepare_dir "$DATA_DIR/prometheus"
     # The app's /metrics needs a bearer token once it listens beyond loopback (BIND_HOST=0.0.0.0 here):
     # METRICS_AUTH_TOKEN, or the one the app generates into $DATA_DIR/secrets (made here first, the
@@ -113,7 +121,7 @@ start_prometheus() {
 }
 
 start_grafana() {
-    [ -x "$GRAFANA_HOME/bin/grafana" ] || { log "grafana not in the image, skipped"; return 0; }
+    [ -x "$GRAFANA_HOME/bin/grafana" ] || { MISSING="$MISSING Grafana"; return 0; }
     prepare_dir "$DATA_DIR/grafana"
     password_file="$DATA_DIR/secrets/grafana_admin_password"
     if [ ! -s "$password_file" ]; then
@@ -195,6 +203,12 @@ if stack_enabled "$1"; then
     start_tempo
     start_prometheus
     start_grafana
+    if [ -n "$MISSING" ]; then
+        log "not in this image (built with STACK_SOURCE=none?):$MISSING; the app runs without them" \
+            "(its own /metrics, console and trace views still work; point Grafana/Prometheus/Tempo elsewhere if needed)"
+    fi
+elif [ "$1" = serve ]; then
+    log "observability stack off (WITH_OBSERVABILITY_STACK=${WITH_OBSERVABILITY_STACK:-1}); running the app alone"
 fi
 
 if [ -z "$STACK_PIDS" ]; then
