@@ -454,7 +454,18 @@ class Scanner:
                     if self._bounded(text, m.start(), m.end()):
                         matches.append(Match(p.spec.name, p.spec.type, m.start(), m.end(), p.placeholder))
         digit_spans = None
-        for index in indices:
+        if aligned:
+            # Only the patterns that can match: an anchor of theirs was seen, they have no anchors, or
+            # they look at digits and the text has a run of them (a loop over all ~40 was most of the
+            # cost of a short prompt).
+            candidates = set(windows)
+            candidates.update(literals.always)
+            if literals.digits and _DIGIT_RUN.search(text):
+                candidates.update(literals.digits)
+            order: Iterable[int] = sorted(candidates)
+        else:
+            order = indices
+        for index in order:
             p = self.patterns[index]
             if p.regex is None or (p.context is not None and index not in context_seen):
                 continue  # a pattern with context words, none of which is in the text, cannot match
@@ -570,6 +581,9 @@ class _Literals:
                               tuple(i for k, i in hits if k == "context"), tuple(i for k, i in hits if k == "phrase"),
                               _ascii_alnum(key[0]))
                         for key, hits in table.items()}
+        # Patterns that run whatever the literal pass finds (no anchors), and those run when the text has digits.
+        self.always = tuple(i for i in indices if patterns[i].regex is not None and not patterns[i].windowed)
+        self.digits = tuple(i for i in indices if DIGITS_ANCHOR in patterns[i].spec.anchors)
         self.automaton = None
         if table and ahocorasick is not None:
             automaton = ahocorasick.Automaton()
