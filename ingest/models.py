@@ -415,3 +415,91 @@ class PendingContent(models.Model):
             models.Index(fields=["project", "span_id"], name="pendingcontent_span"),
             models.Index(fields=["project", "id"], name="pendingcontent_age"),
         ]
+
+
+class ScoreConfig(models.Model):
+    """What a score name means in a project: its type (fixed per name), range or categories, description.
+
+    A name without a config takes numbers (numeric) and true/false (boolean); categories need one.
+    """
+
+    class DataType(models.TextChoices):
+        NUMERIC = "numeric", "Numeric"
+        BOOLEAN = "boolean", "Boolean"
+        CATEGORICAL = "categorical", "Categorical"
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="score_configs")
+    name = models.CharField(max_length=200)
+    data_type = models.CharField(max_length=12, choices=DataType.choices, default=DataType.NUMERIC)
+    min_value = models.FloatField(null=True, blank=True, help_text="numeric only; empty = no lower bound")
+    max_value = models.FloatField(null=True, blank=True, help_text="numeric only; empty = no upper bound")
+    categories = models.JSONField(default=list, blank=True, help_text='categorical only, e.g. ["good", "bad"]')
+    description = models.TextField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["project", "name"]
+        constraints = [models.UniqueConstraint(fields=["project", "name"], name="scoreconfig_unique_name")]
+
+    def __str__(self) -> str:
+        return f"{self.project}/{self.name} ({self.data_type})"
+
+    def clean(self) -> None:
+        import math
+
+        errors = {}
+        for bound in ("min_value", "max_value"):
+            value = getattr(self, bound)
+            if value is not None and not math.isfinite(value):
+                errors[bound] = "must be a finite number"
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            errors["max_value"] = "must not be below min_value"
+        cats = self.categories
+        if not isinstance(cats, list) or not all(isinstance(c, str) and c.strip() and len(c) <= 200 for c in cats):
+            errors["categories"] = "must be a list of non-empty strings (200 characters at most)"
+        elif len(set(cats)) != len(cats):
+            errors["categories"] = "must not repeat a category"
+        elif self.data_type == self.DataType.CATEGORICAL and not cats:
+            errors["categories"] = "a categorical score needs at least one category"
+        if self.data_type != self.DataType.NUMERIC and (self.min_value is not None or self.max_value is not None):
+            errors["min_value"] = "only numeric scores have a range"
+        if self.data_type != self.DataType.CATEGORICAL and cats:
+            errors["categories"] = "only categorical scores have categories"
+        if errors:
+            raise ValidationError(errors)
+
+
+class Score(models.Model):
+    """A judgement of a span, trace or session: user feedback, an annotation, an evaluator's result.
+
+    The target is by id strings, not foreign keys: a score may arrive before its span (the SDK
+    sends feedback while the span is still queued) and is found by the same ids once it lands.
+    A plain table (not partitioned like spans): retention deletes by `created_at` in batches
+    (services.scores.scores_delete_expired); indexes serve the list API and trace/span lookups.
+    """
+
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+", db_index=False)
+    score_id = models.CharField(max_length=128, help_text="the client's idempotency id, or one made at ingest")
+    name = models.CharField(max_length=200)
+    data_type = models.CharField(max_length=12, choices=ScoreConfig.DataType.choices)
+    value = models.FloatField(help_text="the number; 1/0 for boolean; the category's index for categorical")
+    string_value = models.CharField(max_length=200, null=True, help_text="the category, or true/false")
+    comment = models.TextField(null=True)
+    comment_pii = models.BooleanField(default=False)
+    source = models.CharField(max_length=12)  # api, sdk, annotation, evaluator
+    author = models.CharField(max_length=200, null=True)  # key:<prefix> or user:<username>
+    trace_id = models.CharField(max_length=128, null=True)
+    span_id = models.CharField(max_length=128, null=True)
+    session_id = models.CharField(max_length=200, null=True)
+    created_at = models.DateTimeField()
+    received_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["project", "score_id"], name="score_unique_id")]
+        indexes = [
+            models.Index(fields=["project", "-created_at", "-score_id"], name="score_recent"),
+            models.Index(fields=["project", "trace_id"], name="score_trace"),
+            models.Index(fields=["project", "span_id"], name="score_span"),
+            models.Index(fields=["project", "session_id"], name="score_session"),
+            models.Index(fields=["project", "name", "-created_at"], name="score_name_recent"),
+        ]
