@@ -15,6 +15,7 @@ from ingest.api import router as spans_router
 from ingest.api_legacy import metrics_router, openapi_add_examples
 from ingest.api_legacy import router as legacy_router
 from ingest.api_otlp import router as otlp_router
+from ingest.api_scores import router as scores_router
 from ingest.api_search import router as search_router
 from ingest.auth import RevokedKey
 from ingest.producer import BrokerUnavailable, SpanTooLarge
@@ -127,3 +128,4 @@ api.add_router("/v1", otlp_router)
 api.add_router("", legacy_router)
 api.add_router("", metrics_router)
 api.add_router("/v1", search_router)
+api.add_router("/v1", scores_router)

@@ -168,3 +168,16 @@ class DetectionPatternAdmin(TryItMixin, admin.ModelAdmin):
 
 admin.site.site_header = "llm-observe administration"
 admin.site.site_title = "llm-observe"
+
+
+from ingest.models import ScoreConfig  # noqa: E402 - kept with its admin, appended for issue 18
+
+
+@admin.register(ScoreConfig)
+class ScoreConfigAdmin(admin.ModelAdmin):
+    """What a score name means per project: scores of that name are checked against it at ingest."""
+
+    list_display = ("name", "project", "data_type", "min_value", "max_value", "categories", "updated_at")
+    list_filter = ("project", "data_type")
+    search_fields = ("name", "description")
+    fields = ("project", "name", "data_type", "min_value", "max_value", "categories", "description")
