@@ -83,11 +83,13 @@ done
 # shellcheck disable=SC2206  # word splitting wanted
 build+=(${IMAGE_BUILD_ARGS:-} .)
 say "build: ${build[*]}"
-if ! "${build[@]}" >"$WORK/build.log" 2>&1; then
+# Each line of the build log with the seconds since the start of the build.
+stamp() { local t0=$SECONDS line; while IFS= read -r line; do printf '%4ds %s\n' $((SECONDS - t0)) "$line"; done; }
+if ! "${build[@]}" 2>&1 | stamp >"$WORK/build.log"; then
     tail -n 40 "$WORK/build.log"
     fail "build failed (log above)"
 fi
-grep -E "^(model converted|torch [0-9]|build context:)" "$WORK/build.log" | sed 's/^/    /' || true
+grep -E "^ *[0-9]+s (model minilm|build context:)" "$WORK/build.log" | sed 's/^/    /' || true
 cached=$(grep -c "Using cache" "$WORK/build.log" || true)
 say "built $IMAGE ($cached steps from the layer cache)"
 size=$(buildah inspect --type image --format '{{.Size}}' "$IMAGE" 2>/dev/null || true)
@@ -124,7 +126,7 @@ main_pid() {
     while [ "${#queue[@]}" -gt 0 ]; do
         p=${queue[0]}; queue=("${queue[@]:1}")
         root=$(readlink "/proc/$p/root" 2>/dev/null) || root=""
-        cmd=$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) || cmd=""
+        cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline") || cmd=""
         if [ "$p" != "$RUN_PID" ] && [ -n "$root" ] && [ "$root" != / ] && [ -n "$cmd" ] \
                 && [ "${cmd#buildah}" = "$cmd" ]; then
             echo "$p"; return 0
@@ -142,7 +144,8 @@ start() {
     PORT=$(free_port)
     # `-v` does not replace a VOLUME of the image's config in buildah run (it writes to the
     # container's own copy): drop it from this container so /data is the folder given.
-    buildah config --env "PORT=$PORT" --volume /data- "$ctr"
+    # Fewer processes than the defaults (2 x cores web workers, 2 Celery): a shared 2-core CI machine.
+    buildah config --env "PORT=$PORT" --env WEB_WORKERS=2 --env WORKER_CONCURRENCY=1 --volume /data- "$ctr"
     LOG="$WORK/$name.log"
     # shellcheck disable=SC2086  # ENTRYPOINT and CMD are word lists
     buildah run --isolation chroot --network host -v "$volume:/data" "$@" "$ctr" -- $ENTRYPOINT $CMD \
