@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from ingest.kinds import SPAN_KINDS
 from ingest.models import Project
-from ingest.selectors.spans import FLAG_CHOICES, SORTS
+from ingest.selectors.spans import FLAG_CHOICES, MISSING_FIELDS, SORTS
 
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 DEFAULT_RANGE = "7d"
@@ -101,12 +101,36 @@ class ExplorerForm(RangeForm):
     q = _NoNul(required=False, max_length=500, label="prompt contains")
     sort = forms.ChoiceField(choices=[(s, s) for s in SORTS], required=False)
     page = forms.IntegerField(required=False, min_value=1, max_value=10_000)
+    # ?missing=model: spans without a model (the overview's "(none)" rows); comma-separated names.
+    missing = forms.CharField(required=False, max_length=100)
+    # ?calls=1: only what the overview's roll-ups count (model calls, no duplicates).
+    calls = forms.BooleanField(required=False)
 
     def __init__(self, data=None, *args, **kwargs):
         if data is not None and data.get("kind"):
             data = data.copy()  # ?kind=tool is ?kind=TOOL, and the menu shows it chosen
             data["kind"] = data["kind"].strip().upper()
         super().__init__(data, *args, **kwargs)
+
+    def clean_missing(self) -> tuple[str, ...]:
+        names = [n.strip() for n in (self.cleaned_data.get("missing") or "").split(",") if n.strip()]
+        params = {MISSING_PARAMS.get(n, n) for n in names}
+        unknown = sorted(params - set(MISSING_FIELDS))
+        if unknown:
+            raise forms.ValidationError(f"only {', '.join(MISSING_PARAMS)} can be asked to be empty")
+        return tuple(sorted(params))
+
+    def clean(self):
+        data = super().clean()
+        # A value chosen in a menu wins over "(none)" of the same field: both cannot hold.
+        data["missing"] = tuple(n for n in data.get("missing") or () if not data.get(SPAN_FILTER_PARAMS[n]))
+        return data
+
+
+# The explorer's parameter for each SpanFilters field that can be asked to be empty.
+MISSING_PARAMS = {"service": "service", "model": "model", "provider": "provider", "user": "user_id",
+                  "session": "session_id"}
+SPAN_FILTER_PARAMS = {field: param for param, field in MISSING_PARAMS.items()}
 
 
 class SimilarForm(RangeForm):

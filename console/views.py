@@ -19,8 +19,8 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 
-from console.forms import (ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm, RangeForm,
-                           SimilarForm)
+from console.forms import (SPAN_FILTER_PARAMS, ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm,
+                           RangeForm, SimilarForm)
 from console.templatetags.console_tags import span_url, trace_url
 from ingest.selectors.overview import overview_get
 from ingest.schemas import MAX_ID
@@ -100,12 +100,15 @@ def explorer(request, project: str):
     filters = SpanFilters(start=start, end=end, service=data.get("service"), model=data.get("model"),
                           provider=data.get("provider"), status=data.get("status") or None,
                           trace_id=data.get("trace"), user_id=data.get("user"), session_id=data.get("session"),
-                          kind=data.get("kind") or None, flag=data.get("flag") or None, text=data.get("q"))
+                          kind=data.get("kind") or None, flag=data.get("flag") or None, text=data.get("q"),
+                          missing=data.get("missing") or (), calls_only=bool(data.get("calls")))
     sort = data.get("sort") or "time"
     page = span_explore(project_id=project.id, filters=filters, sort=sort, page=data.get("page") or 1)
     params = {k: v for k, v in request.GET.items() if k != "page" and v}
     return render(request, "console/explorer.html", _context(
         request, project, form=form, page=page, sort=sort, range_key=form.range_key(),
+        missing=[(SPAN_FILTER_PARAMS[name], ",".join(SPAN_FILTER_PARAMS[n] for n in filters.missing if n != name))
+                 for name in filters.missing], calls_only=filters.calls_only,
         facets=span_facets(project_id=project.id, since=timezone.now() - timedelta(days=30)),
         query_without_page=urlencode(params),
         query_without_sort=urlencode({k: v for k, v in params.items() if k != "sort"})))

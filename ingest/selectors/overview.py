@@ -73,7 +73,9 @@ def overview_get(*, project_id: int, start: datetime, end: datetime, top: int = 
         for column, label in (("model", "model"), ("provider", "provider"), ("service_name", "service")):
             cur.execute(f"SELECT {column}, {_SUMS} FROM ingest_spanrollup WHERE {where} GROUP BY {column} "
                         "ORDER BY sum(cost_usd_micro) DESC, sum(spans) DESC", params)
-            breakdowns[label] = [{"name": row[0] or "(none)", **_sums_dict(row[1:])} for row in cur.fetchall()]
+            # missing: the spans of this row have no value there (the explorer's ?missing=...).
+            breakdowns[label] = [{"name": row[0] or "(none)", "missing": not row[0], **_sums_dict(row[1:])}
+                                 for row in cur.fetchall()]
         cur.execute("SELECT user_id, sum(spans), sum(cost_usd_micro), sum(prompt_tokens + completion_tokens) "
                     "FROM ingest_userrollup WHERE project_id = %s AND day >= %s AND day <= %s GROUP BY user_id "
                     "ORDER BY sum(cost_usd_micro) DESC, sum(spans) DESC LIMIT %s",

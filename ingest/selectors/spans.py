@@ -13,6 +13,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Substr
 
+from ingest.kinds import MODEL_CALL_KINDS
 from ingest.models import Span, SpanKey, SpanRollup
 
 SPAN_FIELDS = (
@@ -56,6 +57,10 @@ class SpanFilters:
     kind: str | None = None
     flag: str | None = None  # console only: "pii", "injection" or "flagged"
     text: str | None = None  # console only: a substring of the prompt (case-insensitive)
+    # console only: fields that must be empty (names of MISSING_FIELDS), e.g. ("model",) for the
+    # overview's "(none)" row; calls_only: the spans the roll-ups count (kinds.counts_as_call).
+    missing: tuple[str, ...] = ()
+    calls_only: bool = False
 
 
 def encode_cursor(timestamp: datetime, span_id: str) -> str:
@@ -77,6 +82,11 @@ _FLAGS = {
     "flagged": Q(pii_detected=True) | Q(injection_attempt=True),
 }
 FLAG_CHOICES = tuple(_FLAGS)
+# The fields a filter can ask to be empty (None or ''), by SpanFilters name.
+MISSING_FIELDS = {"service": "service_name", "model": "model", "provider": "provider", "user_id": "user_id",
+                  "session_id": "session_id"}
+# kinds.counts_as_call as a query: what the overview's roll-ups count.
+CALLS = Q(duplicate_of__isnull=True) & (Q(kind__isnull=True) | Q(kind="UNKNOWN") | Q(kind__in=MODEL_CALL_KINDS))
 
 
 def _filtered(project_id: int, filters: SpanFilters):
@@ -91,6 +101,11 @@ def _filtered(project_id: int, filters: SpanFilters):
         value = getattr(filters, name)
         if value is not None:
             qs = qs.filter(**{column: value})
+    for name in filters.missing:
+        column = MISSING_FIELDS[name]
+        qs = qs.filter(Q(**{f"{column}__isnull": True}) | Q(**{column: ""}))
+    if filters.calls_only:
+        qs = qs.filter(CALLS)
     if filters.flag:
         qs = qs.filter(_FLAGS[filters.flag])
     if filters.text:
