@@ -105,11 +105,10 @@ start_prometheus() {
     (umask 077 && if [ -n "${METRICS_AUTH_TOKEN:-}" ]; then printf '%s' "$METRICS_AUTH_TOKEN"
                   else cat "${METRICS_AUTH_TOKEN_FILE:-$token_file}"; fi >"$scrape_token")
     chown "$(stat -c %u:%g "$DATA_DIR/prometheus")" "$scrape_token"
-    # The shipped config scrapes 127.0.0.1:8000 without credentials: follow PORT, add the token.
+    # The shipped config scrapes 127.0.0.1:8000 with credentials_file: metrics_token (relative to
+    # the config's folder, where the token was just written): follow PORT.
     config="$DATA_DIR/prometheus/prometheus.yml"
-    sed -e "s/127\.0\.0\.1:8000/127.0.0.1:$PORT/g" \
-        -e "s|^    metrics_path: /metrics\$|    metrics_path: /metrics\n    authorization:\n      credentials_file: $scrape_token|" \
-        /etc/prometheus/prometheus.yml >"$config"
+    sed -e "s/127\.0\.0\.1:8000/127.0.0.1:$PORT/g" /etc/prometheus/prometheus.yml >"$config"
     chmod 0644 "$config"
     log "starting Prometheus (:9090, retention ${PROMETHEUS_RETENTION:-15d})"
     as_stack_user "$PROMETHEUS_HOME/prometheus" \
