@@ -27,6 +27,7 @@ class ScoreIn(Schema):
     name: str = Field(max_length=200, examples=["helpfulness"])
     value: float | bool | str = Field(description="a number, true/false, or a category of the name's config")
     comment: str | None = Field(None, max_length=MAX_COMMENT, description="scanned for PII, redacted before storage")
+    comment_pii: bool = Field(False, description="the client found PII in the comment and redacted it (the SDK does)")
     source: str | None = Field(None, description=f"one of {', '.join(SOURCES)}; default api")
     timestamp: datetime | None = Field(None, description="when the judgement was made; default now")
     span_id: str | None = Field(None, max_length=128)

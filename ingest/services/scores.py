@@ -32,7 +32,7 @@ MAX_ID = 128
 MAX_NAME = 200
 SOURCES = ("api", "sdk", "annotation", "evaluator")
 FUTURE_TOLERANCE = timedelta(days=1)
-_FIELDS = {"id", "name", "value", "comment", "source", "timestamp", "trace_id", "span_id", "session_id"}
+_FIELDS = {"id", "name", "value", "comment", "comment_pii", "source", "timestamp", "trace_id", "span_id", "session_id"}
 _TARGETS = ("span_id", "trace_id", "session_id")
 _TARGET_LIMITS = {"span_id": 128, "trace_id": 128, "session_id": 200}
 
@@ -174,9 +174,12 @@ def _row(raw: Any, *, project: Project, configs: dict[str, ScoreConfig], source:
         if len(comment) > MAX_COMMENT:
             raise _Invalid("too_long", "comment", f"at most {MAX_COMMENT} characters")
         comment = comment.replace("\x00", "\ufffd") or None
+    comment_pii = raw.get("comment_pii", False)
+    if not isinstance(comment_pii, bool):
+        raise _Invalid("invalid_type", "comment_pii", "must be true or false")
     row = {
         "project_id": project.id, "score_id": score_id, "name": name, "data_type": data_type, "value": value,
-        "string_value": string_value, "comment": comment, "comment_pii": False,
+        "string_value": string_value, "comment": comment, "comment_pii": comment_pii,
         "source": given_source or source, "author": author, "created_at": _timestamp(raw, now), "received_at": now,
         **targets,
     }
@@ -197,6 +200,8 @@ def _scan_comment(row: dict, *, drop_text: bool) -> None:
     if result.pii_detected:
         row["comment_pii"] = True
         row["comment"] = None if drop_text else result.redacted
+    elif row["comment_pii"] and drop_text:
+        row["comment"] = None  # the client redacted it already (the SDK does); drop mode keeps none of it
 
 
 def scores_ingest(*, project: Project, items: list[Any], source: str = "api", author: str | None = None) -> ScoresResult:

@@ -67,7 +67,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from instrumentation_sdk import _kafka, _spill
+from instrumentation_sdk import _kafka, _score_wire, _spill
 from instrumentation_sdk._config import Config, get_config
 from instrumentation_sdk._fields import Verdict, redact_values
 from instrumentation_sdk._kinds import as_kind
@@ -325,6 +325,10 @@ class SpanReporter:
     def submit(self, span: dict, prompt_scanned: bool = False) -> None:
         """Spans built by the SDK itself: a fresh, well-formed dict with a span_id."""
         self._enqueue(span, INTERNAL_SCANNED if prompt_scanned else INTERNAL)
+
+    def submit_score(self, score: dict) -> None:
+        """A score from _scores.score(): the spans' queue, spill file and WAL (see _score_wire.py)."""
+        self._enqueue(score, INTERNAL)
 
     def _enqueue(self, span: dict, kind: int) -> None:
         cfg = self.config
@@ -856,9 +860,14 @@ class SpanReporter:
 
     def _send(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
         """Deliver one batch with the configured transport: 'ok', 'transient' or 'auth' (keep the rows)."""
-        if cfg.kafka:
-            return self._produce(rows, cfg)
-        return self._post(rows, cfg)
+        scores, rows = _score_wire.split(rows)
+        outcome = "ok"
+        if rows:
+            outcome = self._produce(rows, cfg) if cfg.kafka else self._post(rows, cfg)
+        # Spans first: an appliance that fails on scores still gets them (a re-sent batch is deduplicated).
+        if scores and outcome == "ok":
+            outcome = self._post_scores(scores, cfg)
+        return outcome
 
     # -- Kafka ----------------------------------------------------------------------
 
@@ -929,13 +938,8 @@ class SpanReporter:
         body = b"[" + b",".join(body for _, body in rows) + b"]"
         if len(body) > MAX_BODY_BYTES and len(rows) > 1:
             return self._post_halves(rows, cfg)
-        transport = self._transport
-        if transport is None or transport.base_url != cfg.url or transport.api_key != cfg.api_key:
-            if transport is not None:
-                transport.close()
-            transport = self._transport = HttpTransport(cfg.url, cfg.api_key, cfg.timeout)
         try:
-            reply = transport.request("POST", "/v1/spans", body=body, gzip_body=True)
+            reply = self._http(cfg).request("POST", "/v1/spans", body=body, gzip_body=True)
         except TransportError as exc:
             self._logs.warning("down", "llm-observe: cannot reach %s (%s); retrying with backoff", cfg.url, exc)
             return "transient"
@@ -963,6 +967,60 @@ class SpanReporter:
                                "looking for the span that causes it", cfg.url, status, _error_text(data))
             return "blamed"
         return self._refused(rows, status, data, cfg)
+
+    def _http(self, cfg: Config) -> HttpTransport:
+        transport = self._transport
+        if transport is None or transport.base_url != cfg.url or transport.api_key != cfg.api_key:
+            if transport is not None:
+                transport.close()
+            transport = self._transport = HttpTransport(cfg.url, cfg.api_key, cfg.timeout)
+        return transport
+
+    def _post_scores(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
+        """POST score rows to /v1/scores (over HTTP with the Kafka transport too: there is no scores topic).
+
+        'ok' once each is stored or refused for good (a 4xx naming it, or an appliance without the
+        route: 404/405, so that an older appliance does not hold the spans behind them); 'auth' and
+        'transient' (no answer, 429, 5xx) keep the rows, like spans.
+        """
+        ids = _score_wire.score_ids(rows)
+
+        def dropped(entries: list[dict], status: int, data: Any) -> None:
+            # named like their WAL rows ("score:<id>") in stats, last_rejections and the log
+            self._dropped_by_appliance([{**e, "span_id": f"{_score_wire.ROW_PREFIX}{e.get('id')}"} for e in entries],
+                                       status, data, cfg)
+
+        if not cfg.url:
+            dropped([{"id": i, "rule": "no_url", "reason": "scores are sent over HTTP: set LLM_OBSERVE_URL"}
+                     for i in ids], 0, None)
+            return "ok"
+        self._retry_after = None
+        try:
+            reply = self._http(cfg).request("POST", _score_wire.PATH, body=_score_wire.batch_body(rows), gzip_body=True)
+        except TransportError as exc:
+            self._logs.warning("down", "llm-observe: cannot reach %s (%s); retrying with backoff", cfg.url, exc)
+            return "transient"
+        status, data = reply.status, reply.body
+        rejected = data.get("rejected") if isinstance(data, dict) and isinstance(data.get("rejected"), list) else []
+        if status == 202:
+            self._oks += 1
+            self.stats["scores_sent"] = self.stats.get("scores_sent", 0) + len(rows) - len(rejected)
+            if rejected:
+                dropped(rejected, status, data)
+            return "ok"
+        if status in (401, 403):
+            self._logs.warning(f"auth{status}", "llm-observe: %s answered %s (%s): check LLM_OBSERVE_API_KEY; "
+                               "scores are kept in the WAL", cfg.url, status, _error_text(data))
+            return "auth"
+        if status in (404, 405) or (400 <= status < 500 and status not in TRANSIENT_STATUSES):
+            named = {e.get("index"): e for e in rejected if isinstance(e, dict)}
+            dropped([named.get(i) or {"id": score_id, "rule": f"http_{status}", "reason": _error_text(data)}
+                     for i, score_id in enumerate(ids)], status, data)
+            return "ok"
+        self._retry_after = reply.retry_after
+        self._logs.warning(f"http{status}", "llm-observe: %s answered %s to scores (%s); retrying with backoff",
+                           cfg.url, status, _error_text(data))
+        return "transient"
 
     def _post_halves(self, rows: list[tuple[str | None, bytes]], cfg: Config) -> str:
         half = len(rows) // 2
@@ -1030,6 +1088,8 @@ class SpanReporter:
 
     def _prepare_unsafe(self, span: dict, kind: int, cfg: Config, when: float | None) -> tuple[str | None, bytes]:
         """Defaults, timestamps, bounds, PII scan + redaction, JSON. Runs on the sender thread."""
+        if _score_wire.is_score(span):
+            return _score_wire.prepare(span, default_scanner(), _dumps)
         if not span.get("service_name"):
             span["service_name"] = self._overrides.get("service_name") or cfg.service_name
         if cfg.environment and not span.get("environment"):

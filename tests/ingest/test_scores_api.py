@@ -11,6 +11,7 @@ from django.db import connection
 from prometheus_client import REGISTRY
 
 from ingest.models import Project, Score, ScoreConfig
+from ingest.selectors.api_keys import api_key_cache_clear
 from ingest.services.api_keys import api_key_create
 from ingest.services.scores import scores_delete_expired
 
@@ -248,3 +249,16 @@ def test_openapi_documents_the_routes(api):
     assert examples["one"]["value"]["name"] == "user_feedback"
     assert "get" in schema["paths"]["/v1/scores"]
     assert "delete" in schema["paths"]["/v1/scores/{score_id}"]
+
+
+def test_a_comment_the_client_redacted_keeps_its_flag(api, project):
+    api.post("/v1/scores", {"id": "r", "name": "x", "value": 1, "trace_id": "t", "comment": "mail [EMAIL]",
+                            "comment_pii": True})
+    assert Score.objects.get().comment_pii and Score.objects.get().comment == "mail [EMAIL]"
+    Project.objects.filter(id=project.id).update(redaction_mode="drop")
+    api_key_cache_clear()  # the key's project is cached for CONFIG_REFRESH_SECONDS
+    api.post("/v1/scores", {"id": "d", "name": "x", "value": 1, "trace_id": "t", "comment": "mail [EMAIL]",
+                            "comment_pii": True})
+    assert Score.objects.get(score_id="d").comment is None
+    bad = api.post("/v1/scores", {"name": "x", "value": 1, "trace_id": "t", "comment_pii": "yes"})
+    assert bad.json()["rule"] == "invalid_type"
