@@ -204,7 +204,7 @@ def test_delete_and_project_scoping(api, client, project):
     assert Score.objects.filter(project=other).count() == 1 and Score.objects.filter(project=project).count() == 0
 
 
-def test_metric_counts_stored_scores_once(api, configs):
+def test_metric_counts_stored_scores_once(api, client, configs):
     def count(name, source):
         return REGISTRY.get_sample_value("llm_scores_count", {"name": name, "source": source}) or 0
 
@@ -215,6 +215,19 @@ def test_metric_counts_stored_scores_once(api, configs):
     api.post("/v1/scores", batch)
     api.post("/v1/scores", batch)  # duplicates are not observed again
     assert (count("helpfulness", "api") - before[0], count("thumbs", "sdk") - before[1]) == (1, 1)
+    scraped = client.get("/metrics").content.decode()
+    assert 'llm_scores_bucket{le="3.0",name="helpfulness",source="api"}' in scraped
+
+
+def test_metric_names_are_capped(api, monkeypatch):
+    from ingest.metrics import BoundedLabel
+    from ingest.services import scores as service
+
+    monkeypatch.setattr(service, "_name_label", BoundedLabel(2))
+    api.post("/v1/scores", [{"name": f"cap-{i}", "value": 1, "trace_id": "t"} for i in range(4)])
+    assert REGISTRY.get_sample_value("llm_scores_count", {"name": "cap-1", "source": "api"}) == 1
+    assert REGISTRY.get_sample_value("llm_scores_count", {"name": "cap-2", "source": "api"}) is None
+    assert REGISTRY.get_sample_value("llm_scores_count", {"name": "other", "source": "api"}) >= 2
 
 
 def test_retention_deletes_old_scores(api, project, settings):
