@@ -207,8 +207,9 @@ def _scan_comment(row: dict, *, drop_text: bool) -> None:
 def scores_ingest(*, project: Project, items: list[Any], source: str = "api", author: str | None = None) -> ScoresResult:
     """Validate and store a batch; invalid items are listed, valid ones stored, re-sent ids counted as duplicates."""
     now = datetime.now(timezone.utc)
-    names = {item.get("name") for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)}
-    configs = {c.name: c for c in ScoreConfig.objects.filter(project=project, name__in={n.strip() for n in names})}
+    names = {item["name"].strip() for item in items if isinstance(item, dict) and isinstance(item.get("name"), str)
+             and "\x00" not in item["name"]}  # PostgreSQL cannot even compare a NUL; such names are refused below
+    configs = {c.name: c for c in ScoreConfig.objects.filter(project=project, name__in=names)}
     drop_text = project.redaction_mode == Project.Redaction.DROP
     result = ScoresResult()
     rows: dict[str, dict] = {}

@@ -275,3 +275,20 @@ def test_a_comment_the_client_redacted_keeps_its_flag(api, project):
     assert Score.objects.get(score_id="d").comment is None
     bad = api.post("/v1/scores", {"name": "x", "value": 1, "trace_id": "t", "comment_pii": "yes"})
     assert bad.json()["rule"] == "invalid_type"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"name": "x", "value": 1e309, "trace_id": "t"}',
+    b'{"name": ["x"], "value": 1, "trace_id": "t"}',
+    b'{"id": 7, "name": "x", "value": 1, "trace_id": "t"}',
+    b'{"name": "x", "value": {"a": [[[[1]]]]}, "trace_id": "t"}',
+    b'{"name": "x", "value": 1, "trace_id": "t", "timestamp": "9999-12-31T23:59:59-23:00"}',
+    b'{"name": "x", "value": 1, "span_id": {"a": 1}}',
+    b'[1, "a", null, []]',
+    b'{"scores": [{"scores": []}]}',
+    "{\"name\": \"\\u0000\", \"value\": 1, \"trace_id\": \"t\"}".encode(),
+])
+def test_hostile_bodies_get_a_4xx_not_a_500(api, raw):
+    response = api.post("/v1/scores", raw=raw)
+    assert 400 <= response.status_code < 500, response.content
+    assert response.json()["rule"]
