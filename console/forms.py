@@ -15,6 +15,8 @@ from ingest.selectors.spans import FLAG_CHOICES, MISSING_FIELDS, SORTS
 
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 DEFAULT_RANGE = "7d"
+# How a page names a preset range: the explorer's "1h" is the last 60 minutes to the second.
+RANGE_WORDS = {"1h": "60 minutes", "24h": "24 hours", "7d": "7 days", "30d": "30 days"}
 
 
 class _NoNul(forms.CharField):

@@ -6,7 +6,8 @@ Every page needs a login; a project the user is not a member of is a 404 (staff 
 from __future__ import annotations
 
 import secrets
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -19,7 +20,7 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 
-from console.forms import (SPAN_FILTER_PARAMS, ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm,
+from console.forms import (RANGE_WORDS, SPAN_FILTER_PARAMS, ExplorerForm, KeyCreateForm, ProjectCreateForm, ProjectSettingsForm,
                            RangeForm, SimilarForm)
 from console.templatetags.console_tags import span_url, trace_url
 from ingest.selectors.overview import overview_get
@@ -64,6 +65,22 @@ def _range_query(form: RangeForm) -> str:
     return urlencode(keep)
 
 
+def _window_query(start: datetime, end: datetime) -> str:
+    """The explorer's query for exactly [start, end); without an end (up to now) when end is about now.
+
+    The overview and the security page link to the explorer with the window they really show
+    (whole hours for the roll-ups), not with their range key: the explorer's "1h" is the last 60
+    minutes to the second, and the counts would not match.
+    """
+    def fmt(t: datetime) -> str:
+        return f"{t:%Y-%m-%dT%H:%M:%S}" if t.second or t.microsecond else f"{t:%Y-%m-%dT%H:%M}"
+
+    params = {"range": "custom", "start": fmt(start)}
+    if end < timezone.now() - timedelta(minutes=1):
+        params["end"] = fmt(end)
+    return urlencode(params)
+
+
 def _ranged(request, project) -> tuple[datetime, datetime, dict]:
     """The page's time window and what the range picker needs in the template."""
     form = RangeForm(request.GET, bounds=project_data_window(project=project))
@@ -86,8 +103,11 @@ def overview(request, project: str):
     project = _project(request, project)
     start, end, picker = _ranged(request, project)
     data = overview_get(project_id=project.id, start=start, end=end)
+    first_day, last_day = (datetime.combine(day, time.min, tzinfo=dt_timezone.utc) for day in data["days"])
     return render(request, "console/overview.html", _context(
-        request, project, **picker, data=data,
+        request, project, **picker, data=data, range_words=RANGE_WORDS.get(picker["range_key"]),
+        window_query=_window_query(data["start"], data["window_end"]),
+        days_query=_window_query(first_day, min(last_day + timedelta(days=1), data["window_end"])),
         keys=project_keys(project=project) if not data["totals"]["spans"] else None))
 
 
@@ -107,6 +127,7 @@ def explorer(request, project: str):
     params = {k: v for k, v in request.GET.items() if k != "page" and v}
     return render(request, "console/explorer.html", _context(
         request, project, form=form, page=page, sort=sort, range_key=form.range_key(),
+        start=start, end=end, range_words=RANGE_WORDS.get(form.range_key()),
         missing=[(SPAN_FILTER_PARAMS[name], ",".join(SPAN_FILTER_PARAMS[n] for n in filters.missing if n != name))
                  for name in filters.missing], calls_only=filters.calls_only,
         facets=span_facets(project_id=project.id, since=timezone.now() - timedelta(days=30)),
@@ -172,10 +193,12 @@ def security(request, project: str):
     project = _project(request, project)
     start, end, picker = _ranged(request, project)
     data = security_overview(project_id=project.id, start=start, end=end)
-    recent = span_explore(project_id=project.id, filters=SpanFilters(start=start, end=end, flag="flagged"),
+    first = data["start"]
+    recent = span_explore(project_id=project.id, filters=SpanFilters(start=first, end=end, flag="flagged"),
                           per_page=25)
     return render(request, "console/security.html", _context(
-        request, project, **picker, data=data, recent=recent))
+        request, project, **picker, data=data, recent=recent, window_query=_window_query(first, end),
+        range_words=RANGE_WORDS.get(picker["range_key"])))
 
 
 @login_required

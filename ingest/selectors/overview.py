@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from django.db import connection
+from django.utils import timezone as django_timezone
 
 from ingest.services.rollups import BUCKETS, percentile
 
@@ -37,6 +38,17 @@ def bucket_starts(first: datetime, last: datetime, step: timedelta) -> list[date
 def _hour_range(start: datetime, end: datetime) -> tuple[datetime, datetime]:
     first = start.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
     return first, end.astimezone(timezone.utc)
+
+
+def rollup_window(*, start: datetime, end: datetime, now: datetime | None = None) -> tuple[datetime, datetime]:
+    """The times the overview really covers for a range: whole hours, from the top of the hour that
+    holds `start` to the end of the hour that holds `end`, but not past now (nothing is there yet)."""
+    first, last = _hour_range(start, end)
+    now = now or django_timezone.now()
+    hour = last.replace(minute=0, second=0, microsecond=0)
+    if hour >= max(now, last) - timedelta(hours=1):  # also: no hour after 9999-12-31 23:00
+        return first, max(now, last)
+    return first, hour + timedelta(hours=1)
 
 
 _SUMS = ("sum(spans), sum(errors), sum(cost_usd_micro), sum(prompt_tokens), sum(completion_tokens), "
@@ -102,5 +114,6 @@ def overview_get(*, project_id: int, start: datetime, end: datetime, top: int = 
     totals["error_rate"] = totals["errors"] / totals["spans"] if totals["spans"] else None
     totals.update({f"latency_{name}": percentile(total_latency, q) for name, q in QUANTILES.items()})
     totals.update({f"ttft_{name}": percentile(total_ttft, q) for name, q in QUANTILES.items()})
-    return {"start": first, "end": last, "step_seconds": int(step.total_seconds()), "totals": totals,
+    return {"start": first, "end": last, "window_end": rollup_window(start=start, end=end)[1],
+            "days": (first.date(), last.date()), "step_seconds": int(step.total_seconds()), "totals": totals,
             "series": series, "breakdowns": breakdowns, "top_users": top_users}

@@ -45,6 +45,7 @@ def security_overview(*, project_id: int, start: datetime, end: datetime, top: i
     totals = {"pii": sum(v[0] for v in by_bucket.values()), "injections": injections}
     # A span tier 1 flagged is not classified by tier 2: the two counts add up to the injections.
     by_tier = {1: injections - semantic, 2: semantic}
-    return {"series": series, "totals": totals, "injections_by_tier": by_tier, "by_pattern": by_pattern,
+    # start: the top of the hour that holds the range's start, where the counts begin.
+    return {"start": first, "series": series, "totals": totals, "injections_by_tier": by_tier, "by_pattern": by_pattern,
             "by_service": groups["service"],
             "by_user": groups["user"], "step_seconds": int(step.total_seconds())}
